@@ -1,0 +1,275 @@
+"""Official MAE-ST checkpoints in and out: mae_st files, SlowFast model-zoo files (the seed's links) and our own.
+
+The formats (key lists in ../shared/reference/checkpoint_keys/):
+- ours: fused `attn.qkv`, decoder as decoder_blocks / decoder_norm / decoder_pred, classifier head `head`.
+- mae_st: {'model': state_dict, 'optimizer', 'epoch', 'args'}; separate attn.q / attn.k / attn.v linears.
+- slowfast: {'model_state': state_dict, 'epoch', 'optimizer_state', 'cfg'}; fused qkv; decoder blocks under
+  pred_head.transforms.0.{i}, the decoder norm at pred_head.transforms.0.{depth}, the prediction at
+  pred_head.projections.0; classifier head at head.projection. Its decoder layout differs too (config.SLOWFAST_LAYOUT).
+
+Loading is strict: a missing, unexpected or misshapen tensor is an error that names it, except the classifier head,
+which fine-tuning re-initializes when the file has none (or one for another number of classes).
+"""
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from models.config import MAE_ST_LAYOUT, SLOWFAST_LAYOUT
+from models.mae import MaskedAutoencoder
+
+FORMATS = ("ours", "mae_st", "slowfast")
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token")  # tensors the classifier has no use for
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model; the message names them."""
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: str) -> Mapping:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    # weights_only keeps a downloaded file from running code; mae_st files also pickle their argparse.Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by failure kind
+            raise ValueError(f"{path} is not a checkpoint torch can read safely: {err}") from err
+
+
+def read_state_dict(source) -> tuple[dict, str]:
+    """A path or a dict -> (flat state dict, format). Unwraps 'model_state' / 'model' / 'module' / 'state_dict'."""
+    obj = _torch_load(source) if isinstance(source, (str, os.PathLike)) else source
+    for wrapper in ("model_state", "model", "module", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError("not a model checkpoint: expected a state dict of tensors (bare or under 'model'/'model_state')")
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}  # DDP / torch.compile prefixes
+    if "patch_embed.proj.weight" not in state:
+        raise ValueError(
+            f"not an MAE-ST video ViT checkpoint: it has no patch_embed.proj.weight (first keys: {list(state)[:5]})"
+        )
+    return state, detect_format(state)
+
+
+def detect_format(state: Mapping) -> str:
+    if any(re.search(r"\.attn\.q\.weight$", k) for k in state):
+        return "mae_st"
+    if any(k.startswith(("pred_head.", "head.projection.")) for k in state):
+        return "slowfast"
+    return "ours"
+
+
+# --- converting -----------------------------------------------------------------------------------------------------
+
+
+def _count_blocks(state: Mapping, prefix: str) -> int:
+    found = {int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.attn\.", k))}
+    return len(found)
+
+
+def _slowfast_names(decoder_depth: int) -> list[tuple[str, str]]:
+    """(our prefix, SlowFast prefix) pairs."""
+    pairs = [(f"decoder_blocks.{i}.", f"pred_head.transforms.0.{i}.") for i in range(decoder_depth)]
+    return pairs + [
+        ("decoder_norm.", f"pred_head.transforms.0.{decoder_depth}."),
+        ("decoder_pred.", "pred_head.projections.0."),
+        ("head.", "head.projection."),
+    ]
+
+
+def _rename_prefixes(state: Mapping, pairs: list[tuple[str, str]]) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+def _fuse_qkv(state: Mapping) -> dict:
+    fused = {}
+    for key, value in state.items():
+        if m := re.fullmatch(r"(.*\.attn)\.q\.(weight|bias)", key):
+            base, kind = m[1], m[2]
+            fused[f"{base}.qkv.{kind}"] = torch.cat([value, state[f"{base}.k.{kind}"], state[f"{base}.v.{kind}"]])
+        elif not re.fullmatch(r".*\.attn\.[kv]\.(weight|bias)", key):
+            fused[key] = value
+    return fused
+
+
+def _split_qkv(state: Mapping) -> dict:
+    split = {}
+    for key, value in state.items():
+        if m := re.fullmatch(r"(.*\.attn)\.qkv\.(weight|bias)", key):
+            for name, part in zip("qkv", value.chunk(3)):
+                split[f"{m[1]}.{name}.{m[2]}"] = part.clone()
+        else:
+            split[key] = value
+    return split
+
+
+def to_ours(state: Mapping, fmt: str) -> dict:
+    """A state dict in `fmt` -> our names and fused qkv."""
+    if fmt == "mae_st":
+        return _fuse_qkv(state)
+    if fmt == "slowfast":
+        pairs = _slowfast_names(_count_blocks(state, "pred_head.transforms.0."))
+        return _rename_prefixes(state, [(theirs, ours) for ours, theirs in pairs])
+    return dict(state)
+
+
+def from_ours(state: Mapping, fmt: str) -> dict:
+    """Our state dict -> `fmt` (the layout must exist there: mae_st has no joint decoder table, SlowFast no decoder cls)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    foreign = {"mae_st": "decoder_pos_embed", "slowfast": "decoder_cls_token"}.get(fmt)
+    if foreign in state:
+        raise ValueError(f"this model's decoder uses {foreign!r}, which the {fmt} format cannot hold; export as "
+                         f"{'slowfast' if fmt == 'mae_st' else 'mae_st'} instead")
+    if fmt == "mae_st":
+        return _split_qkv(state)
+    if fmt == "slowfast":
+        return _rename_prefixes(state, _slowfast_names(_count_blocks(state, "decoder_blocks.")))
+    return dict(state)
+
+
+def infer_options(state: Mapping) -> dict:
+    """Constructor arguments the tensor shapes reveal (our names), for error messages and tools."""
+    weight = state["patch_embed.proj.weight"]  # [D, C, t, p, p]
+    dim, chans, t_patch, patch = weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3]
+    options = dict(embed_dim=dim, in_chans=chans, t_patch_size=t_patch, patch_size=patch,
+                   depth=_count_blocks(state, "blocks."))
+    if "pos_embed_temporal" in state:
+        options["num_frames"] = state["pos_embed_temporal"].shape[1] * t_patch
+    if "pos_embed_spatial" in state:
+        options["img_size"] = math.isqrt(state["pos_embed_spatial"].shape[1]) * patch
+    if "decoder_embed.weight" in state:
+        options["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+        options["decoder_depth"] = _count_blocks(state, "decoder_blocks.")
+    if "decoder_pred.weight" in state and "pos_embed_temporal" in state:
+        frames_per_token = state["decoder_pred.weight"].shape[0] // (patch * patch * chans)
+        options["pred_t_dim"] = frames_per_token * state["pos_embed_temporal"].shape[1]
+    if "head.weight" in state:
+        options["num_classes"] = state["head.weight"].shape[0]
+    return options
+
+
+# --- loading into a model -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    source_format: str
+    loaded: int = 0
+    converted: list = field(default_factory=list)
+    fresh: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {self.loaded} tensors from a {self.source_format} checkpoint"]
+        if self.converted:
+            parts.append("converted: " + "; ".join(self.converted))
+        if self.fresh:
+            parts.append("freshly initialized: " + ", ".join(self.fresh))
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} pretraining-only tensors ({_summarize(self.ignored)})")
+        return "; ".join(parts)
+
+
+def _summarize(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _layout_of(state: Mapping):
+    """The decoder layout a pretraining state dict was saved with, or None for an encoder-only one."""
+    if "decoder_pos_embed" in state:
+        return SLOWFAST_LAYOUT
+    if "decoder_cls_token" in state:
+        return MAE_ST_LAYOUT
+    return None
+
+
+def _mismatch_message(model, missing, unexpected, misshapen, state) -> str:
+    lines = ["checkpoint does not fit the model:"]
+    if missing:
+        lines.append(f"  missing from the checkpoint ({len(missing)}): {_summarize(missing)}")
+    if unexpected:
+        lines.append(f"  not in the model ({len(unexpected)}): {_summarize(unexpected)}")
+    for key in sorted(misshapen)[:6]:
+        lines.append(f"  {key}: checkpoint {list(state[key].shape)} vs model {list(model.state_dict()[key].shape)}")
+    differing = {k: v for k, v in infer_options(state).items() if getattr(model.cfg, k, v) != v}
+    if differing:
+        overrides = ", ".join(f"{k}={v}" for k, v in differing.items())
+        lines.append(f"  the checkpoint was built with {overrides}: build the model with these overrides")
+    elif missing and all(k.startswith(PRETRAIN_ONLY_PREFIXES) for k in missing):
+        lines.append("  the checkpoint has no MAE decoder (a fine-tuned model?): load it into build_classifier(...)")
+    return "\n".join(lines)
+
+
+def load_pretrained(model, source) -> LoadReport:
+    """Load a checkpoint file or state dict of any format into a MaskedAutoencoder or a VideoClassifier.
+
+    A SlowFast pretraining file switches the MAE model to SlowFast's decoder layout; the classifier drops the
+    pretraining decoder and keeps its fresh head unless the file has one of the right shape."""
+    state, fmt = read_state_dict(source)
+    report = LoadReport(fmt)
+    state = to_ours(state, fmt)
+    if fmt == "mae_st":
+        report.converted.append("fused attn.q/k/v into attn.qkv")
+    elif fmt == "slowfast":
+        report.converted.append("renamed SlowFast pred_head.* / head.projection.* to decoder_* / head.*")
+
+    if isinstance(model, MaskedAutoencoder):
+        layout = _layout_of(state)
+        if layout and any(getattr(model.cfg, k) != v for k, v in layout.items()):
+            model.use_layout(**layout)
+            report.converted.append(f"switched the model to the checkpoint's decoder layout {layout}")
+    else:
+        report.ignored = [k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES)]
+        state = {k: v for k, v in state.items() if k not in report.ignored}
+        own = model.state_dict()
+        if any(k not in state or state[k].shape != own[k].shape for k in HEAD_KEYS):
+            state = {k: v for k, v in state.items() if k not in HEAD_KEYS}
+            report.fresh = list(HEAD_KEYS)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in report.fresh]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        raise CheckpointMismatchError(_mismatch_message(model, missing, unexpected, misshapen, state))
+    model.load_state_dict(state, strict=not report.fresh)
+    report.loaded = len(state)
+    return report
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+
+def export_state_dict(model, fmt: str = "mae_st") -> dict:
+    """The model's weights as fp32 CPU tensors in an official format."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    return from_ours(state, fmt)
+
+
+def save_as(state: Mapping, path: str, fmt: str = "mae_st", **extra) -> None:
+    """Write an already-converted state dict in the container its format uses, atomically (tmp file, then rename)."""
+    wrapper = {"mae_st": "model", "slowfast": "model_state", "ours": "model"}[fmt]
+    tmp = f"{path}.tmp"
+    torch.save({wrapper: dict(state), **extra}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Command-line tools: shard building, checkpoint conversion, demo data, benchmarks."""
