@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

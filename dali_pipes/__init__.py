@@ -1,0 +1,1 @@
+"""DALI pipelines that decode video shards (on the GPU when there is one) for MAE-ST training."""

@@ -1,0 +1,83 @@
+"""Small generated videos for the tests. Frames carry their own index as 8 black/white blocks (binary), which
+survives lossy codecs, so a test can read back exactly which source frames a pipeline returned."""
+
+import os
+
+import av
+import numpy as np
+import pytest
+
+BLOCK = 8  # pixels per bit block
+
+
+def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """[frames, H, W, 3] uint8; rows 0..BLOCK-1 hold the frame index in 8 binary blocks, the rest is texture."""
+    rng = np.random.default_rng(seed)
+    video = np.repeat(rng.integers(60, 200, (1, height, width, 3), dtype=np.uint8), frames, axis=0)
+    for t in range(frames):
+        for bit in range(8):
+            video[t, :BLOCK, bit * BLOCK:(bit + 1) * BLOCK] = 255 if (t >> bit) & 1 else 0
+    return video
+
+
+def read_index(frame: np.ndarray, source_width: int = 64) -> int:
+    """The index written by indexed_frames into a source_width-wide clip, from an [H, W, 3] frame of it resized
+    (uniformly) to any size."""
+    scale = frame.shape[1] / source_width
+    index = 0
+    for bit in range(8):
+        x = int((bit + 0.5) * BLOCK * scale)
+        if frame[int(BLOCK * scale / 2), x].mean() > 128:
+            index |= 1 << bit
+    return index
+
+
+def write_video(path, frames=40, codec="libx264", width=64, height=48, fps=30, seed=0, audio=False):
+    """An indexed clip; codec libx264 | libvpx-vp9 | mjpeg; audio adds an AAC track."""
+    video = indexed_frames(frames, width, height, seed)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec == "libvpx-vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        if codec != "mjpeg":
+            stream.codec_context.gop_size = 8
+        sound = out.add_stream("aac", rate=16000) if audio else None
+        for frame in video:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+        if sound:
+            out.mux(sound.encode(None))
+    return str(path)
+
+
+def write_audio_only(path):
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 16000), np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return str(path)
+
+
+@pytest.fixture
+def bad_videos(tmp_path):
+    """One file per skip reason the shard builder must recognise: {reason: path}."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    good = write_video(folder / "good_for_truncation.mp4", frames=60)
+    data = open(good, "rb").read()
+    os.remove(good)
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (folder / "text.mp4").write_text("this is not a video\n" * 50)
+    (folder / "empty.mp4").write_bytes(b"")
+    return {
+        "truncated": str(folder / "truncated.mp4"),
+        "not_a_video": str(folder / "text.mp4"),
+        "empty": str(folder / "empty.mp4"),
+        "no_video_stream": write_audio_only(folder / "audio.mp4"),
+        "too_short": write_video(folder / "two_frames.mp4", frames=2),
+    }

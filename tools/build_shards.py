@@ -1,0 +1,263 @@
+"""Kinetics videos -> WebDataset video shards that DALI reads (see dali_pipes/shard_format.py for what they hold).
+
+    python tools/build_shards.py --csv kinetics400/train.csv --videos kinetics400/train --out shards/k400 --codec copy
+    python tools/build_shards.py --list train.txt --out shards/k400 --codec vp9 --workers 32
+    python tools/build_shards.py --root k400/train --out shards/k400 --split train --limit 100
+
+Every clip is probed and test-decoded; bad ones are skipped with the reason recorded in OUT/manifest.json.
+Killed at any point (even SIGKILL), the same command run again finishes the job: committed shards are kept, the
+rest is redone, nothing is written twice.
+"""
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
+
+from tqdm import tqdm
+
+from dali_pipes.shard_format import MANIFEST, pack_info
+from tools.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
+from tools.shard_writer import STATE_DIR, ShardWriter, atomic_write_text, recover
+from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
+
+TOOL_VERSION = "1.0"
+# options that change what the shards hold: a rerun into the same --out must use the same ones
+CONTENT_OPTIONS = ("codec", "short_side", "gop", "min_frames", "verify", "shard_size", "max_per_shard", "seed")
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    text = text.strip().lower().rstrip("b")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1GB, 500MB, 200000000)") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", help="official Kinetics annotation csv (label, youtube_id, time_start, time_end, split)")
+    src.add_argument("--list", help='list file of "path label" lines (mae_st / SlowFast / VideoMAE)')
+    src.add_argument("--root", help="folder tree root/<class name>/*.mp4")
+    p.add_argument("--videos", help="video folder for --csv (flat or class folders); path prefix for --list")
+    p.add_argument("--out", required=True, help="output folder for the shards, their indexes and manifest.json")
+    p.add_argument("--split", help="--csv: comma-separated splits to build (default: all in the csv); "
+                                   "--list/--root: the split's name (default: train)")
+    p.add_argument("--codec", choices=CODECS, default="copy",
+                   help="copy keeps the source bytes (GPU decode); h264/vp9/mjpeg re-encode. DALI's CPU decoder "
+                        "reads only vp9/vp8/mjpeg (default: copy)")
+    p.add_argument("--short-side", type=int, default=256, help="re-encode: resize the short side to this (0: keep)")
+    p.add_argument("--gop", type=int, default=16, help="re-encode: keyframe interval in frames (default: 16)")
+    p.add_argument("--min-frames", type=int, default=16, help="skip clips with fewer frames (default: 16)")
+    p.add_argument("--verify", choices=("fast", "full"), default="fast",
+                   help="copy: test-decode the first and last group of pictures (fast) or every frame (full)")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="bytes per shard (default: 1GB)")
+    p.add_argument("--max-per-shard", type=int, default=0, help="clips per shard at most (default: no limit)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards")
+    p.add_argument("--limit", type=int, help="only the first N clips of each split (after the shuffle)")
+    p.add_argument("--classes", help="file of class names, one per line, fixing the label map")
+    args = p.parse_args(argv)
+    if args.csv and not args.videos:
+        p.error("--csv needs --videos DIR, the folder that holds the clips")
+    for flag in ("csv", "list", "classes"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            p.error(f"--{flag}: no such file: {getattr(args, flag)}")
+    for flag in ("root", "videos"):
+        if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
+            p.error(f"--{flag}: no such folder: {getattr(args, flag)}")
+    if args.workers < 1 or args.gop < 1 or args.min_frames < 1 or args.shard_size < 1:
+        p.error("--workers, --gop, --min-frames and --shard-size must be positive")
+    return args
+
+
+def load_sources(args):
+    if args.csv:
+        splits = set(args.split.split(",")) if args.split else None
+        sources = from_kinetics_csv(args.csv, args.videos, splits)
+    elif args.list:
+        sources = from_list_file(args.list, args.split or "train", args.videos)
+    else:
+        sources = from_class_folders(args.root, args.split or "train")
+    by_split = {}
+    for source in sources:
+        by_split.setdefault(source.split, []).append(source)
+    for split, items in by_split.items():
+        random.Random(args.seed).shuffle(items)  # shards then mix classes
+        by_split[split] = items[: args.limit] if args.limit else items
+    return by_split, build_label_map(sources, args.classes)
+
+
+def check_output(args) -> None:
+    """Create OUT, refuse to mix shards built with other options into it."""
+    state = os.path.join(args.out, STATE_DIR)
+    try:
+        os.makedirs(state, exist_ok=True)
+        probe = os.path.join(state, "write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        sys.exit(f"error: cannot write to --out {args.out}: {err}")
+    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
+    path = os.path.join(state, "options.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        changed = {k: (previous.get(k), v) for k, v in options.items() if previous.get(k) != v}
+        if changed:
+            sys.exit(f"error: {args.out} holds shards built with other options {changed} (was, now): "
+                     "use the same options to resume, or a new --out")
+    else:
+        atomic_write_text(path, json.dumps(options))
+
+
+def _prepare(job):
+    """Worker: (key, path, options) -> (key, Clip) or (key, (reason, detail)). Never raises for a bad file."""
+    key, path, options = job
+    try:
+        return key, prepare_clip(path, options)
+    except SkipClip as skip:
+        return key, (skip.reason, skip.detail)
+    except Exception as err:  # an unforeseen failure is still one bad file, not a failed run
+        return key, ("corrupt", f"{type(err).__name__}: {err}")
+
+
+def prepare_all(jobs, workers: int, prepare=_prepare):
+    """Yield prepare(job) in order, `workers` processes at a time. A worker that dies (a decoder crash) takes only
+    its own clip with it: the pool is rebuilt, the clip retried alone, and skipped as 'crashed' if it dies again."""
+    jobs, position = list(jobs), 0
+    while position < len(jobs):
+        broken = False
+        with cf.ProcessPoolExecutor(workers) as pool:
+            window = {}
+            try:
+                while position < len(jobs):
+                    for i in range(position, min(position + 2 * workers, len(jobs))):
+                        if i not in window:
+                            window[i] = pool.submit(prepare, jobs[i])
+                    yield window.pop(position).result()
+                    position += 1
+            except BrokenProcessPool:
+                broken = True
+        if not broken:
+            return
+        with cf.ProcessPoolExecutor(1) as alone:
+            try:
+                yield alone.submit(prepare, jobs[position]).result()
+            except BrokenProcessPool:
+                yield jobs[position][0], ("crashed", "the decoder process died on this file")
+        position += 1
+
+
+def build_split(args, split, sources, label_map, options):
+    """Shard one split, resuming after whatever a killed run committed. Returns (sidecars, skipped records)."""
+    committed = recover(args.out, split)
+    done = {s["key"] for shard in committed for s in shard["samples"]}
+    skip_log = os.path.join(args.out, STATE_DIR, f"skipped-{split}.jsonl")
+    skipped = _read_jsonl(skip_log)
+    done |= {s["key"] for s in skipped}
+    todo = [s for s in sources if s.key not in done]
+    by_key = {s.key: s for s in todo}
+    first_index = max((int(c["tar"].split("-")[-1][:6]) for c in committed), default=-1) + 1
+    writer = ShardWriter(args.out, split, args.shard_size, args.max_per_shard, first_index)
+    if len(done):
+        print(f"{split}: resuming: {len(done)} clips done before, {len(todo)} to go")
+    bar = tqdm(total=len(todo), desc=split, unit="clip", dynamic_ncols=True)
+    with open(skip_log, "a") as log:
+        jobs = [(s.key, s.path, options) for s in todo]
+        for key, result in prepare_all(jobs, min(args.workers, max(1, len(jobs)))):
+            source = by_key[key]
+            if isinstance(result, tuple):
+                record = {"key": key, "source": source.path, "split": split, "reason": result[0], "detail": result[1]}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                skipped.append(record)
+            else:
+                label = label_map.get(source.label, -1)
+                meta = {"source": source.path, "youtube_id": source.youtube_id, "label": label,
+                        "label_name": source.label, "split": split, "fps": result.fps,
+                        "num_frames": result.num_frames, "height": result.height, "width": result.width,
+                        "codec": result.codec, "duration": round(result.duration, 3)}
+                files = {result.ext: result.data, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
+                         "info": pack_info(label, result.num_frames, result.fps, result.height, result.width)}
+                writer.write(key, files, {"codec": result.codec, "num_frames": result.num_frames, "label": label})
+            bar.update()
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+    writer.close()
+    bar.close()
+    return committed + writer.committed, skipped
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # the torn last line of a killed run: that clip is simply redone
+                    pass
+    return records
+
+
+def write_manifest(args, label_map, results) -> dict:
+    manifest = {
+        "tool": "tools/build_shards.py", "version": TOOL_VERSION,
+        "options": dict(vars(args)),
+        "label_map": label_map, "splits": {}, "skipped": [],
+    }
+    for split, (shards, skipped) in results.items():
+        samples = [s for shard in shards for s in shard["samples"]]
+        manifest["splits"][split] = {
+            "samples": len(samples), "bytes": sum(s["bytes"] for s in shards),
+            "codecs": dict(Counter(s["codec"] for s in samples)),
+            "shards": [{"tar": s["tar"], "index": s["index"], "samples": len(s["samples"]), "bytes": s["bytes"]}
+                       for s in shards],
+        }
+        manifest["skipped"] += skipped
+    atomic_write_text(os.path.join(args.out, MANIFEST), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        by_split, label_map = load_sources(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if not by_split:
+        sys.exit("error: no clips to shard (check --split against the csv's split column)")
+    check_output(args)
+    options = PrepOptions(args.codec, args.short_side, args.gop, args.min_frames, args.verify)
+    results = {}
+    for split, sources in sorted(by_split.items()):
+        results[split] = build_split(args, split, sources, label_map, options)
+    manifest = write_manifest(args, label_map, results)
+
+    elapsed = time.time() - start
+    written = sum(s["samples"] for s in manifest["splits"].values())
+    total_bytes = sum(s["bytes"] for s in manifest["splits"].values())
+    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    per_split = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
+    print(f"wrote {written} clips ({per_split}) in {shards} shards, {total_bytes / 1e6:.1f} MB, to {args.out} "
+          f"in {elapsed:.1f} s")
+    reasons = Counter(s["reason"] for s in manifest["skipped"])
+    if reasons:
+        detail = ", ".join(f"{SKIP_REASONS.get(r, r)} ({r}) {n}" for r, n in reasons.most_common())
+        print(f"skipped {sum(reasons.values())}: {detail}; every one is listed in {args.out}/{MANIFEST}")
+    if not written:
+        print("error: nothing was written: every clip was skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
