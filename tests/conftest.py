@@ -10,11 +10,16 @@ import pytest
 BLOCK = 8  # pixels per bit block
 
 
-def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
-    """[frames, H, W, 3] uint8; rows 0..BLOCK-1 hold the frame index in 8 binary blocks, the rest is texture."""
-    rng = np.random.default_rng(seed)
-    video = np.repeat(rng.integers(60, 200, (1, height, width, 3), dtype=np.uint8), frames, axis=0)
-    for t in range(frames):
+def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",
+                   indexed: bool = True) -> np.ndarray:
+    """[frames, H, W, 3] uint8 over a static background (texture "noise", or "gradient": brightness grows with x);
+    if indexed, rows 0..BLOCK-1 hold the frame index in 8 binary blocks."""
+    if texture == "noise":
+        background = np.random.default_rng(seed).integers(60, 200, (height, width, 3), dtype=np.uint8)
+    else:
+        background = np.broadcast_to(np.linspace(20, 235, width, dtype=np.uint8)[None, :, None], (height, width, 3))
+    video = np.repeat(background[None], frames, axis=0)
+    for t in range(frames if indexed else 0):
         for bit in range(8):
             video[t, :BLOCK, bit * BLOCK:(bit + 1) * BLOCK] = 255 if (t >> bit) & 1 else 0
     return video
@@ -32,15 +37,16 @@ def read_index(frame: np.ndarray, source_width: int = 64) -> int:
     return index
 
 
-def write_video(path, frames=40, codec="libx264", width=64, height=48, fps=30, seed=0, audio=False):
-    """An indexed clip; codec libx264 | libvpx-vp9 | mjpeg; audio adds an AAC track."""
-    video = indexed_frames(frames, width, height, seed)
+def write_video(path, frames=40, codec="libx264", width=64, height=48, fps=30, seed=0, audio=False,
+                texture="noise", indexed=True):
+    """A clip from indexed_frames; codec libx264 | libvpx-vp9 | mjpeg; audio adds an AAC track."""
+    video = indexed_frames(frames, width, height, seed, texture, indexed)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libvpx-vp9":
-            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "0"}
         if codec != "mjpeg":
             stream.codec_context.gop_size = 8
         sound = out.add_stream("aac", rate=16000) if audio else None

@@ -76,11 +76,12 @@ class ShardWriter:
     def finish_shard(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()  # closes the file too
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         name = shard_name(self.split, self.index)
         partial, final = self._state_path(".partial"), os.path.join(self.out_dir, name)
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
         index_tmp = self._state_path(".idx.tmp")
         with IndexCreator(partial, index_tmp, verbose=False) as creator:
             creator.create_index()

@@ -1,0 +1,123 @@
+"""Which frames and which crop each view of a clip gets: plain numpy, drawn per batch from (seed, rank, epoch, batch).
+
+The pipelines receive these as explicit per-sample arguments instead of drawing them with DALI's random operators,
+so a resumed run, a pipeline rebuilt after a bad video, or a batch repaired on the side, sees exactly the same
+augmentation, and the tests can check every number.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How the views of one decoded clip are made."""
+
+    num_frames: int = 16
+    stride: int = 4  # frames between samples, at target_fps when it is set, else at the video's own rate
+    target_fps: float | None = None  # mae_st samples at 30 fps whatever the source rate
+    repeats: int = 4  # views per decoded clip (MAE-ST repeated sampling)
+    per_view_start: bool = False  # each view its own temporal start (the union of frames is decoded once)
+    crop_size: int = 224
+    scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and aspect ratio (w / h)
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.num_frames < 1 or self.stride < 1 or self.repeats < 1 or self.crop_size < 1:
+            raise ValueError(f"num_frames, stride, repeats and crop_size must be positive: {self}")
+
+
+@dataclass
+class SamplePlan:
+    frames: np.ndarray  # int32 [F]: frame indices to decode, ascending (repeats only from edge padding)
+    orders: list  # per view, int32 [T]: positions into `frames`
+    boxes: list  # per view, float32 [4]: crop (y0, x0, y1, x1) relative to the frame
+    flips: list  # per view, 0 or 1
+
+
+def clip_indices(start: float, num_frames: int, stride: int, fps: float, target_fps: float | None, total: int):
+    """Frame indices of one clip starting at frame `start`; indices past the end repeat the last frame (edge pad)."""
+    step = stride * (fps / target_fps if target_fps else 1.0)
+    indices = np.floor(start + step * np.arange(num_frames) + 1e-6).astype(np.int64)
+    return np.clip(indices, 0, max(total - 1, 0))
+
+
+def clip_span(num_frames: int, stride: int, fps: float, target_fps: float | None) -> float:
+    """Source frames one clip covers."""
+    step = stride * (fps / target_fps if target_fps else 1.0)
+    return step * (num_frames - 1) + 1
+
+
+def random_start(total: int, span: float, rng: np.random.Generator) -> float:
+    """Uniform over every start that keeps the clip inside the video (float draw then floor: DALI's integer uniform
+    rounds, which halves the odds of both ends); 0 when the video is shorter than the clip."""
+    return float(np.floor(rng.random() * max(1, math.floor(total - span) + 1)))
+
+
+def random_resized_box(height: int, width: int, scale, ratio, rng: np.random.Generator) -> np.ndarray:
+    """The Inception-style random resized crop (torchvision's algorithm): (y0, x0, y1, x1) relative to the frame."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            return np.array([y / height, x / width, (y + h) / height, (x + w) / width], np.float32)
+    aspect = width / height  # fallback: the whole frame, cut to the nearest allowed aspect ratio, centred
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    y, x = (height - h) // 2, (width - w) // 2
+    return np.array([y / height, x / width, (y + h) / height, (x + w) / width], np.float32)
+
+
+def _union(clips: list) -> tuple[np.ndarray, list]:
+    frames = np.unique(np.concatenate(clips)).astype(np.int32)
+    return frames, [np.searchsorted(frames, c).astype(np.int32) for c in clips]
+
+
+def plan_train_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, rng) -> SamplePlan:
+    """R views of one clip: one temporal start (or one per view), each view its own crop and flip."""
+    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+    starts = [random_start(total, span, rng) for _ in range(spec.repeats if spec.per_view_start else 1)]
+    clips = [clip_indices(s, spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
+    if spec.per_view_start:
+        frames, orders = _union(clips)
+    else:  # the decoder returns the clip itself, edge-padding repeats included
+        frames, orders = clips[0].astype(np.int32), [np.arange(spec.num_frames, dtype=np.int32)] * spec.repeats
+    boxes = [random_resized_box(height, width, spec.scale, spec.ratio, rng) for _ in range(spec.repeats)]
+    flips = [int(spec.flip and rng.random() < 0.5) for _ in range(spec.repeats)]
+    return SamplePlan(frames, orders, boxes, flips)
+
+
+def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
+    """Square crops of the short side's size along the long side (left, centre, right; or top, middle, bottom):
+    the same pixels as resizing the short side to the crop size and then cropping."""
+    side = min(height, width)
+    boxes = []
+    for i in range(num_crops):
+        offset = (max(height, width) - side) * (i / (num_crops - 1) if num_crops > 1 else 0.5)
+        y, x = (offset, 0.0) if height > width else (0.0, offset)
+        boxes.append(np.array([y / height, x / width, (y + side) / height, (x + side) / width], np.float32))
+    return boxes
+
+
+def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, num_clips: int,
+                     num_crops: int = 3) -> SamplePlan:
+    """num_clips temporal clips spread evenly from the first to the last possible start, times num_crops spatial
+    crops; views ordered clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
+    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+    last = max(0.0, math.floor(total - span))
+    starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
+    clips = [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
+    frames, orders = _union(clips)
+    boxes = eval_boxes(height, width, num_crops)
+    return SamplePlan(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops))

@@ -1,0 +1,228 @@
+"""The DALI loaders on the CPU: shapes, frames, crops, sharding across ranks, determinism, resume, decoder choice,
+bad videos, evaluation views. Shards are built from generated clips whose frames carry their own index."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_index, write_video
+from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
+from dali_pipes.decoder_choice import choose_decoder
+from dali_pipes.shard_format import pack_info
+from dali_pipes.views_pipeline import MEAN, STD
+from tools import build_shards
+from tools.shard_writer import ShardWriter
+
+CODECS = {"vp9": "libvpx-vp9", "h264": "libx264"}
+
+
+def make_shards(root, n=12, codec="vp9", frames=80, split="train", **video):
+    """n clips, one per class c00, c01, ... (so a clip's label is its id), stored as they are (copy)."""
+    for i in range(n):
+        os.makedirs(root / "videos" / f"c{i:02d}", exist_ok=True)
+        write_video(root / "videos" / f"c{i:02d}" / "clip.mp4", frames=frames, codec=CODECS[codec], seed=i, **video)
+    out = root / "shards"
+    assert build_shards.main(["--root", str(root / "videos"), "--out", str(out), "--split", split, "--codec", "copy",
+                              "--max-per-shard", "5", "--min-frames", "2", "--workers", "1"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def vp9_shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("vp9"))
+
+
+def pixels(video):
+    """Normalized [.., C, T, H, W] float -> uint8-range [.., T, H, W, C] numpy."""
+    return (video.float() * STD + MEAN).clamp(0, 255).round().byte().movedim(-4, -1).numpy()
+
+
+def whole_frame_loader(shards, **options):
+    """Views that are the whole 64x48 frame, unflipped: what comes out is what was decoded."""
+    return build_pretrain_loader(shards, crop_size=48, scale=(1.0, 1.0), ratio=(64 / 48, 64 / 48), flip=False,
+                                 decoder="dali-cpu",
+                                 **options)
+
+
+def test_shapes_dtypes_and_normalized_range(vp9_shards):
+    loader = build_pretrain_loader(vp9_shards, batch_size=3, repeats=4, num_frames=8, stride=2, crop_size=32)
+    assert len(loader) == 4
+    batch = next(iter(loader))
+    assert batch["video"].shape == (12, 3, 8, 32, 32) and batch["video"].dtype == torch.float32
+    assert batch["label"].shape == (12,) and batch["label"].dtype == torch.int64
+    assert torch.equal(batch["label"], batch["label"][:3].repeat(4))  # view-major: view v of clip b at v * B + b
+    lo, hi = (0 - MEAN) / STD, (255 - MEAN) / STD
+    assert lo - 1e-4 <= batch["video"].min() and batch["video"].max() <= hi + 1e-4
+    assert batch["video"].std() > 0.2  # a real picture, not a constant
+    half = build_pretrain_loader(vp9_shards, batch_size=3, repeats=1, num_frames=2, crop_size=16, dtype=torch.bfloat16)
+    assert next(iter(half))["video"].dtype == torch.bfloat16
+
+
+def test_sampled_frames_are_the_right_ones(vp9_shards):
+    loader = whole_frame_loader(vp9_shards, batch_size=4, repeats=2, num_frames=6, stride=4)
+    seen = 0
+    for batch in loader:
+        for clip in pixels(batch["video"]):
+            indices = [read_index(frame) for frame in clip]
+            assert indices == list(range(indices[0], indices[0] + 24, 4)), indices
+            assert 0 <= indices[0] <= 80 - 21
+            seen += 1
+    assert seen == 24
+
+
+def test_short_clips_repeat_their_last_frame(tmp_path):
+    shards = make_shards(tmp_path, n=2, frames=10)
+    batch = next(iter(whole_frame_loader(shards, batch_size=2, repeats=1, num_frames=6, stride=4)))
+    for clip in pixels(batch["video"]):
+        assert [read_index(f) for f in clip] == [0, 4, 8, 9, 9, 9]
+
+
+def test_target_fps_maps_the_stride(tmp_path):
+    shards = make_shards(tmp_path, n=2, frames=120, fps=60)
+    batch = next(iter(whole_frame_loader(shards, batch_size=2, repeats=1, num_frames=4, stride=4, target_fps=30)))
+    for clip in pixels(batch["video"]):
+        indices = [read_index(f) for f in clip]
+        assert np.diff(indices).tolist() == [8, 8, 8]
+
+
+def test_views_differ_in_crop_and_frames_of_a_view_share_it(tmp_path):
+    shards = make_shards(tmp_path, n=2, indexed=False)  # a still picture: frames differ only if crops do
+    loader = build_pretrain_loader(shards, batch_size=2, repeats=4, num_frames=4, stride=2, crop_size=32)
+    views = pixels(next(iter(loader))["video"]).astype(int)  # [8, T, H, W, C]
+    for view in views:
+        assert np.abs(view - view[0]).max() <= 2  # every frame of a view: the same crop and flip (codec noise aside)
+    for clip in (views[0::2], views[1::2]):  # view-major rows: clip 0 at 0, 2, 4, 6
+        assert min(np.abs(clip[a, 0] - clip[b, 0]).mean() for a in range(4) for b in range(a + 1, 4)) > 5
+
+
+def test_each_sample_once_per_epoch_across_two_ranks(vp9_shards):
+    ranks = [build_pretrain_loader(vp9_shards, batch_size=3, repeats=1, num_frames=2, crop_size=16, rank=r,
+                                   world_size=2, seed=5) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # 12 clips / 2 ranks / 3 per batch
+    for _ in range(2):  # two epochs, each a fresh order
+        labels = [torch.cat([b["label"] for b in loader]).tolist() for loader in ranks]
+        assert sorted(labels[0] + labels[1]) == list(range(12))
+    eval_ranks = [build_eval_loader(vp9_shards, split="train", batch_size=5, num_clips=1, num_crops=1, crop_size=16,
+                                    num_frames=2, rank=r, world_size=2) for r in range(2)]
+    labels = [torch.cat([b["label"] for b in loader]).tolist() for loader in eval_ranks]
+    assert sorted(labels[0] + labels[1]) == list(range(12))  # padding of the last batch dropped
+
+
+def test_seed_determinism_and_fresh_order_per_epoch(vp9_shards):
+    def run(seed, epochs=1):
+        loader = build_pretrain_loader(vp9_shards, batch_size=4, repeats=2, num_frames=4, crop_size=24, seed=seed)
+        return [[b for b in loader] for _ in range(epochs)]
+
+    a, b, c = run(1, epochs=2), run(1), run(2)
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x["label"], y["label"]) and torch.equal(x["video"], y["video"])
+    assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(a[0], c[0]))
+    order = [torch.cat([x["label"][:4] for x in epoch]).tolist() for epoch in a]
+    assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]
+
+
+def test_state_dict_resumes_at_the_next_batch(vp9_shards):
+    def loader():
+        return build_pretrain_loader(vp9_shards, batch_size=2, repeats=2, num_frames=4, crop_size=24, seed=3)
+
+    reference = loader()
+    stream = [b for _ in range(3) for b in reference]  # three epochs of 6 batches
+    first = loader()
+    taken = [b for b in first]  # epoch 0, then 2 batches into epoch 1
+    for batch in first:
+        taken.append(batch)
+        if len(taken) == 8:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # survives a round trip through a file
+    assert (state["epoch"], state["position"]) == (1, 2)
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b for b in resumed] + [b for b in resumed]
+    assert len(taken) + len(rest) == len(stream)
+    for x, y in zip(taken + rest, stream):
+        assert torch.equal(x["label"], y["label"]) and torch.equal(x["video"], y["video"])
+
+
+def test_decoder_choice():
+    assert choose_decoder("auto", {"h264": 5}, has_gpu=True)[0] == "dali-gpu"
+    assert choose_decoder("auto", {"vp9": 5, "mjpeg": 1}, has_gpu=False)[0] == "dali-cpu"
+    decoder, why = choose_decoder("auto", {"h264": 5, "vp9": 1}, has_gpu=False)
+    assert decoder == "pyav" and "h264" in why
+    assert choose_decoder("pyav", {"vp9": 1}, has_gpu=True) == ("pyav", "requested")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        choose_decoder("dali-gpu", {"vp9": 1}, has_gpu=False)
+    with pytest.raises(ValueError, match="use decoder='pyav'"):
+        choose_decoder("dali-cpu", {"hevc": 1}, has_gpu=False)
+
+
+def test_pyav_path_reads_h264_shards(tmp_path, caplog):
+    shards = make_shards(tmp_path, n=4, codec="h264")
+    with caplog.at_level(logging.INFO, logger="dali_pipes"):
+        loader = build_pretrain_loader(shards, batch_size=2, repeats=1, num_frames=5, stride=3, crop_size=48,
+                                       scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), flip=False)
+    assert loader.decoder == "pyav" and "DALI's CPU decoder cannot read ['h264']" in caplog.text
+    for batch in loader:
+        for clip in pixels(batch["video"]):
+            indices = [read_index(f) for f in clip]
+            assert np.diff(indices).tolist() == [3, 3, 3, 3]
+
+
+def test_a_corrupt_video_is_skipped_logged_and_counted(tmp_path, caplog):
+    """A shard holding a truncated video (built by hand: the shard builder would have refused it)."""
+    out = tmp_path / "shards"
+    writer = ShardWriter(str(out), "train", max_bytes=10**9, max_count=0)
+    for i in range(6):
+        data = open(write_video(tmp_path / f"{i}.mp4", frames=40, codec="libvpx-vp9", seed=i), "rb").read()
+        if i == 2:
+            data = data[: len(data) // 3]  # truncated
+        writer.write(f"clip{i}", {"mp4": data, "info": pack_info(i, 40, 30, 48, 64)}, {"codec": "vp9"})
+    writer.close()
+    (out / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"train": {
+        "samples": 6, "codecs": {"vp9": 6}, "shards": [{"tar": "train-000000.tar", "index": "train-000000.idx"}]}}}))
+    loader = build_pretrain_loader(str(out), batch_size=3, repeats=2, num_frames=4, crop_size=16, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="dali_pipes"):
+        batches = [b for b in loader]
+    assert len(batches) == 2 and all(b["video"].shape == (6, 3, 4, 16, 16) for b in batches)
+    assert loader.skipped == 1 and "clip2.mp4" in caplog.text
+    labels = torch.cat([b["label"][:3] for b in batches]).tolist()
+    assert 2 not in labels and sorted(set(labels)) == [0, 1, 3, 4, 5]
+    assert loader.state_dict()["skipped"] == 1
+
+
+def test_eval_views_positions(tmp_path):
+    """192x64 frames, a brightness ramp left to right: crops come out left, centre, right; clips spread in time."""
+    shards = make_shards(tmp_path, n=2, frames=90, width=192, height=64, texture="gradient", split="val")
+    loader = build_eval_loader(shards, batch_size=2, num_clips=3, num_crops=3, num_frames=4, stride=4, crop_size=64)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (18, 3, 4, 64, 64) and batch["video_index"].tolist() == [0] * 9 + [1] * 9
+    views = pixels(batch["video"][:9])
+    brightness = views[:, :, 16:].mean(axis=(1, 2, 3, 4)).reshape(3, 3)  # below the index blocks
+    assert np.all(np.diff(brightness, axis=1) > 30)  # left < centre < right, for each clip
+    starts = [read_index(views[3 * k, 0]) for k in range(3)]  # the left crop holds the index blocks
+    assert starts == [0, 38, 77]  # 90 frames, a 13-frame clip: starts 0 .. 77, evenly
+
+
+def test_finetune_loader_with_rand_augment(vp9_shards):
+    loader = build_finetune_loader(vp9_shards, batch_size=2, num_frames=4, crop_size=24)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.spec.scale == (0.08, 1.0)
+
+
+def test_bad_arguments_fail_early_and_clearly(tmp_path, vp9_shards):
+    with pytest.raises(FileNotFoundError, match="no shards folder"):
+        build_pretrain_loader(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="batch_size 7 is larger than the 6 samples"):
+        build_pretrain_loader(vp9_shards, batch_size=7, world_size=2)
+    with pytest.raises(ValueError, match="has no 'val' split"):
+        build_eval_loader(vp9_shards)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(vp9_shards):
+        if not name.endswith(".idx") and not name.startswith("."):
+            os.symlink(os.path.join(vp9_shards, name), broken / name)
+    with pytest.raises(FileNotFoundError, match="missing, e.g. .*train-000000.idx"):
+        build_pretrain_loader(str(broken))
