@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+DEMO_DATA ?= demo_data
+DEMO_RUN ?= runs/demo_pt
+
+# demo data once (about 10 s), then a fresh pretraining run: shards -> DALI -> DeepSpeed, a few minutes on 2 cores
 demo: $(STAMP)
-	$(PY) tools/demo_model.py
+	@test -f $(DEMO_DATA)/shards/manifest.json || $(PY) tools/make_demo_data.py --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(PY) trainer/pretrain.py --ds_config ds_configs/cpu.json --recipe demo_PT --data $(DEMO_DATA)/shards \
+		--output $(DEMO_RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

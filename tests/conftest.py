@@ -7,6 +7,8 @@ import av
 import numpy as np
 import pytest
 
+from tools import build_shards
+
 BLOCK = 8  # pixels per bit block
 
 
@@ -87,3 +89,17 @@ def bad_videos(tmp_path):
         "no_video_stream": write_audio_only(folder / "audio.mp4"),
         "too_short": write_video(folder / "two_frames.mp4", frames=2),
     }
+
+
+CODECS = {"vp9": "libvpx-vp9", "h264": "libx264"}
+
+
+def make_shards(root, n=12, codec="vp9", frames=80, split="train", **video):
+    """n clips, one per class c00, c01, ... (so a clip's label is its id), stored as they are (copy)."""
+    for i in range(n):
+        os.makedirs(root / "videos" / f"c{i:02d}", exist_ok=True)
+        write_video(root / "videos" / f"c{i:02d}" / "clip.mp4", frames=frames, codec=CODECS[codec], seed=i, **video)
+    out = root / "shards"
+    assert build_shards.main(["--root", str(root / "videos"), "--out", str(out), "--split", split, "--codec", "copy",
+                              "--max-per-shard", "5", "--min-frames", "2", "--workers", "1"]) == 0
+    return str(out)

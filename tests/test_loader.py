@@ -9,27 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_index, write_video
+from conftest import make_shards, read_index, write_video
 from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
 from dali_pipes.decoder_choice import choose_decoder
 from dali_pipes.shard_format import pack_info
 from dali_pipes.views_pipeline import MEAN, STD
-from tools import build_shards
 from tools.shard_writer import ShardWriter
-
-CODECS = {"vp9": "libvpx-vp9", "h264": "libx264"}
-
-
-def make_shards(root, n=12, codec="vp9", frames=80, split="train", **video):
-    """n clips, one per class c00, c01, ... (so a clip's label is its id), stored as they are (copy)."""
-    for i in range(n):
-        os.makedirs(root / "videos" / f"c{i:02d}", exist_ok=True)
-        write_video(root / "videos" / f"c{i:02d}" / "clip.mp4", frames=frames, codec=CODECS[codec], seed=i, **video)
-    out = root / "shards"
-    assert build_shards.main(["--root", str(root / "videos"), "--out", str(out), "--split", split, "--codec", "copy",
-                              "--max-per-shard", "5", "--min-frames", "2", "--workers", "1"]) == 0
-    return str(out)
-
 
 @pytest.fixture(scope="module")
 def vp9_shards(tmp_path_factory):

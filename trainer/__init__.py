@@ -1,0 +1,1 @@
+"""DeepSpeed trainers: MAE-ST pretraining (pretrain.py) and fine-tuning (finetune.py)."""

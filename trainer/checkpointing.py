@@ -1,0 +1,141 @@
+"""Checkpoints of a run: DeepSpeed's (weights, optimizer, schedule) plus each rank's loader position and RNG states,
+an atomic `latest` pointer that moves only once a checkpoint is whole, and an fp32 export in mae_st's format.
+
+    RUN_DIR/checkpoints/latest                  the tag of the newest whole checkpoint
+    RUN_DIR/checkpoints/step00001000/           DeepSpeed's files, meta.json, rank00000.pt, rank00001.pt, ...
+Starting again in the same RUN_DIR resumes from `latest`. On another number of processes, DeepSpeed's universal
+checkpoint format is made from it first (deepspeed.checkpoint.ds_to_universal) and loaded instead.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("trainer")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, env, keep: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.env, self.keep = env, keep
+        os.makedirs(self.dir, exist_ok=True)
+
+    def latest(self) -> str | None:
+        path = os.path.join(self.dir, "latest")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read().strip()
+
+    def prepare_resume(self, ds_config: dict) -> str | None:
+        """The tag to resume from (None: a fresh run). If it was written by another number of processes, converts it
+        to DeepSpeed's universal format and switches ds_config to load that."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        with open(os.path.join(self.dir, tag, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["world_size"] == self.env.world_size:
+            return tag
+        universal = f"{tag}_universal"
+        log.warning("%s was written by %d processes, this run has %d: loading it through DeepSpeed's universal "
+                    "checkpoint format (%s)", tag, meta["world_size"], self.env.world_size, universal)
+        if self.env.is_main and not os.path.isdir(os.path.join(self.dir, universal)):
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                       os.path.join(self.dir, tag), "--output_folder", os.path.join(self.dir, universal),
+                       "--inject_missing_state"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"converting {tag} to a universal checkpoint failed; resume with {meta['world_size']} processes, "
+                    f"or run by hand: {' '.join(command)}\n{result.stderr[-2000:]}")
+        dist.barrier()
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        return universal
+
+    def resume(self, engine, tag: str, loader) -> int:
+        """Load `tag` into the engine, the loader and the RNGs; returns the optimizer step to continue from."""
+        path, _ = engine.load_checkpoint(self.dir, tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")
+        source = tag.removesuffix("_universal")
+        with open(os.path.join(self.dir, source, "meta.json")) as f:
+            step = json.load(f)["step"]
+        own = os.path.join(self.dir, source, f"rank{self.env.rank:05d}.pt")
+        if tag == source and os.path.exists(own):
+            state = torch.load(own, weights_only=False)  # our own file: numpy's RNG state is not a tensor
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"], self.env.device)
+        else:  # another layout of processes: the epoch restarts, each rank reseeds
+            first = torch.load(os.path.join(self.dir, source, "rank00000.pt"), weights_only=False)
+            loader.load_state_dict(first["loader"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, loader.epoch, loader.position)
+        return step
+
+    def save(self, engine, step: int, loader) -> str:
+        """Write checkpoint step{step}; `latest` moves to it only once every rank has written its part."""
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(self.dir, tag=tag, client_state={"step": step}, save_latest=False)
+        folder = os.path.join(self.dir, tag)
+        own = os.path.join(folder, f"rank{self.env.rank:05d}.pt")
+        torch.save({"loader": loader.state_dict(), "rng": rng_state(self.env.device), "step": step}, f"{own}.tmp")
+        os.replace(f"{own}.tmp", own)
+        dist.barrier()
+        if self.env.is_main:
+            stage = engine.zero_optimization_stage()
+            _atomic_write(os.path.join(folder, "meta.json"),
+                          json.dumps({"step": step, "world_size": self.env.world_size, "zero_stage": stage}))
+            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            self._prune(keep=tag)
+        dist.barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        """Delete all but the newest `self.keep` checkpoints (and universal copies made of them)."""
+        tags = sorted(t for t in os.listdir(self.dir) if re.fullmatch(r"step\d{8}", t))
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != keep:
+                for folder in (old, f"{old}_universal"):
+                    shutil.rmtree(os.path.join(self.dir, folder), ignore_errors=True)
+
+    def export_mae_st(self, tag: str, path: str, epoch: float) -> None:
+        """fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards, in mae_st's format (rank 0 only)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from models.checkpoints import from_ours, save_as
+
+        state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
+        save_as(from_ours(state, "mae_st"), path, "mae_st", epoch=epoch)

@@ -1,0 +1,108 @@
+"""Training recipes, named after the seed's SlowFast configs, with the paper's numbers
+(../shared/reference/mae_st_recipe.md), and the tiny CPU ones the demo and the tests run.
+
+Any field can be overridden on the command line as key=value (model constructor options as model.key=value):
+    deepspeed trainer/pretrain.py ... --recipe k400_VIT_L_16x4_MAE_PT blr=1e-3 epochs=100 model.drop_path_rate=0.1
+"""
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the two trainers share: model, data, optimization, bookkeeping."""
+
+    model: str = "vit_b"
+    model_options: dict = field(default_factory=dict)  # constructor overrides (models/config.py names)
+    init_from: str | None = None  # weights to start from (any checkpoint format load_pretrained reads)
+    # data
+    split: str = "train"
+    num_frames: int = 16
+    stride: int = 4
+    target_fps: float | None = 30.0  # mae_st / SlowFast sample at 30 fps whatever the source rate
+    crop_size: int = 224
+    repeats: int = 4  # views per decoded clip
+    decoder: str = "auto"
+    loader_threads: int | None = None
+    # optimization: lr = blr x clips per step / 256, repeats not counted (the official code's choice)
+    batch_size: int | None = None  # clips per optimizer step over all ranks; None: whatever the ds_config gives
+    blr: float = 1.6e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    clip_grad: float = 0.02
+    epochs: float = 200  # passes over the data (the paper counts epochs x repeats)
+    warmup_epochs: float = 60
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 1000  # optimizer steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    image_every: int = 500
+    compile: bool = False  # torch.compile through the DeepSpeed engine
+
+
+@dataclass(frozen=True)
+class PretrainRecipe(Recipe):
+    mask_ratio: float = 0.9
+    mask_repeats: int = 1  # masks per view in the model; views x masks = samples per decoded clip
+    scale: tuple = (0.5, 1.0)
+
+
+_PAPER_PT = dict(batch_size=512, model_options={"norm_pix_loss": True})
+PRETRAIN_RECIPES = {
+    # SlowFast configs/masked_ssl: 200 / 200 / 400 passes with 60 / 30 / 60 of warmup, batch 512 clips x 4 repeats
+    "k400_VIT_B_16x4_MAE_PT": PretrainRecipe(model="vit_b", epochs=200, warmup_epochs=60, **_PAPER_PT),
+    "k400_VIT_L_16x4_MAE_PT": PretrainRecipe(model="vit_l", epochs=200, warmup_epochs=30, **_PAPER_PT),
+    "k400_VIT_H_16x4_MAE_PT": PretrainRecipe(
+        model="vit_h", epochs=400, warmup_epochs=60, batch_size=512,
+        model_options={"norm_pix_loss": True, "grad_checkpointing": True},
+    ),
+    # a few hundred steps of a tiny model on the demo shards, in minutes on two CPU cores
+    "demo_PT": PretrainRecipe(
+        model="vit_tiny", model_options={"img_size": 64, "num_frames": 8, "patch_size": 8, "embed_dim": 96,
+                                         "depth": 4, "num_heads": 4, "decoder_embed_dim": 64, "decoder_depth": 2,
+                                         "decoder_num_heads": 4, "pred_t_dim": 4},
+        num_frames=8, stride=4, target_fps=None, crop_size=64, repeats=2, blr=1.5e-2, clip_grad=1.0,
+        epochs=40, warmup_epochs=3, checkpoint_every=100, log_every=5, image_every=100,
+    ),
+}
+
+
+def _parse_value(key: str, text: str, current):
+    """The override's text as a value of the type of the field it replaces (a bare word is a string)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, str) and value is not None:
+        return text
+    if isinstance(current, float) and type(value) is int:
+        return float(value)
+    if current is not None and value is not None and type(value) is not type(current):
+        raise ValueError(f"{key}={text!r}: expected a {type(current).__name__} like {current!r}")
+    return value
+
+
+def resolve_recipe(recipes: dict, name: str, overrides: list[str]):
+    """The named recipe with key=value overrides applied."""
+    if name not in recipes:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(recipes)}")
+    recipe = recipes[name]
+    fields = {f.name for f in dataclasses.fields(recipe)}
+    changes, model_options = {}, dict(recipe.model_options)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key.startswith("model."):
+            option = key[len("model."):]
+            model_options[option] = _parse_value(key, text, model_options.get(option))
+        elif key in fields and key != "model_options":
+            changes[key] = _parse_value(key, text, getattr(recipe, key))
+        else:
+            raise ValueError(f"unknown recipe field {key!r}; fields are {sorted(fields - {'model_options'})} "
+                             "and model.<option>")
+    return dataclasses.replace(recipe, model_options=model_options, **changes)
