@@ -353,11 +353,11 @@ def build_pretrain_loader(shards_dir: str, batch_size: int = 8, repeats: int = 4
 
 
 def build_finetune_loader(shards_dir: str, batch_size: int = 8, repeats: int = 2, rand_augment=(2, 7),
-                          **options) -> VideoLoader:
+                          scale=(0.08, 1.0), **options) -> VideoLoader:
     """Fine-tuning: random resized crop scale 0.08-1, flip, RandAugment (DALI's, on the GPU, the same op for every
     frame of a view), repeated augmentation 2. Mixup, cutmix and random erasing act on whole batches and run in
     torch on the device after the loader (trainer/)."""
-    return build_pretrain_loader(shards_dir, batch_size=batch_size, repeats=repeats, scale=(0.08, 1.0),
+    return build_pretrain_loader(shards_dir, batch_size=batch_size, repeats=repeats, scale=scale,
                                  rand_augment=rand_augment, **options)
 
 

@@ -46,9 +46,28 @@ def _torch_load(path: str) -> Mapping:
             raise ValueError(f"{path} is not a checkpoint torch can read safely: {err}") from err
 
 
+def _read_deepspeed(folder: str) -> dict:
+    """fp32 weights from a DeepSpeed ZeRO checkpoint: a run folder, its checkpoints/ folder, or one checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        folder = os.path.join(folder, "checkpoints")
+    if os.path.exists(os.path.join(folder, "latest")):
+        return get_fp32_state_dict_from_zero_checkpoint(folder)
+    parent, tag = os.path.split(os.path.normpath(folder))
+    if not os.path.exists(os.path.join(folder, "mp_rank_00_model_states.pt")):
+        raise ValueError(f"{folder} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt, "
+                         "no latest, no checkpoints/)")
+    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+
+
 def read_state_dict(source) -> tuple[dict, str]:
-    """A path or a dict -> (flat state dict, format). Unwraps 'model_state' / 'model' / 'module' / 'state_dict'."""
-    obj = _torch_load(source) if isinstance(source, (str, os.PathLike)) else source
+    """A file, a DeepSpeed checkpoint folder or a dict -> (flat state dict, format). Unwraps 'model_state' /
+    'model' / 'module' / 'state_dict'."""
+    if isinstance(source, (str, os.PathLike)):
+        obj = _read_deepspeed(str(source)) if os.path.isdir(source) else _torch_load(source)
+    else:
+        obj = source
     for wrapper in ("model_state", "model", "module", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

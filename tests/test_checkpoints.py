@@ -211,3 +211,20 @@ def test_converter_cli(tmp_path, capsys):
     # a SlowFast-layout decoder has no place in the mae_st format: refused, with the way out
     assert main([str(tmp_path / "sf.pyth"), str(tmp_path / "x.pth"), "--to", "mae_st"]) == 2
     assert "export as slowfast instead" in capsys.readouterr().err
+
+
+@needs_manifests
+@pytest.mark.parametrize("name", ["mae_st_pretrain_vit_b", "slowfast_pt_vit_b"])
+def test_official_pretraining_files_give_the_classifier_their_encoder(name):
+    """What fine-tuning from the seed's model-zoo files does: encoder loaded, decoder ignored, head fresh."""
+    info = manifest(name)
+    options = {k: v for k, v in official_overrides(info).items() if not k.startswith(("decoder", "pred_t", "norm_pix"))}
+    model = build_classifier("vit_b", num_classes=400, **options)
+    state = manifest_state(info, "cpu")
+    report = load_pretrained(model, {"model_state" if "slowfast" in name else "model": state})
+    assert report.fresh == ["head.weight", "head.bias"]
+    converted = to_ours(state, report.source_format)
+    assert sorted(report.ignored) == sorted(k for k in converted if k.startswith(("decoder", "mask_token")))
+    qkv = torch.cat([state[f"blocks.3.attn.{n}.weight"] for n in "qkv"]) if "mae_st" in name \
+        else state["blocks.3.attn.qkv.weight"]
+    assert torch.equal(model.blocks[3].attn.qkv.weight, qkv)

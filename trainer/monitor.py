@@ -44,16 +44,17 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
 
 
 class LossGuard:
-    """SlowFast's rule: stop on a non-finite loss, or one above 2x the mean of the previous 5."""
+    """SlowFast's rule: stop on a non-finite loss, or one above `factor` x the mean of the previous 5 (no such
+    check when factor is None)."""
 
-    def __init__(self, window: int = 5, factor: float = 2.0):
+    def __init__(self, factor: float | None = 2.0, window: int = 5):
         self.history, self.factor = deque(maxlen=window), factor
 
     def check(self, loss: float) -> str | None:
         """None if the loss is fine, else why it is not."""
         if not math.isfinite(loss):
             return f"the loss is {loss}"
-        if len(self.history) == self.history.maxlen:
+        if self.factor and len(self.history) == self.history.maxlen:
             mean = sum(self.history) / len(self.history)
             if loss > self.factor * mean:
                 return f"the loss jumped to {loss:.4f}, more than {self.factor:g}x the mean {mean:.4f} of the last " \

@@ -42,6 +42,7 @@ class Recipe:
     log_every: int = 10
     image_every: int = 500
     compile: bool = False  # torch.compile through the DeepSpeed engine
+    explosion_factor: float | None = 2.0  # stop when the loss tops this x the mean of the last 5 (None: NaN/inf only)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class PretrainRecipe(Recipe):
 
 
 _PAPER_PT = dict(batch_size=512, model_options={"norm_pix_loss": True})
+# the demo's tiny encoder: 64 x 64 x 8 frames in 8 x 8 x 2 tubelets (256 tokens), width 96, depth 4
+DEMO_ENCODER = {"img_size": 64, "num_frames": 8, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
 PRETRAIN_RECIPES = {
     # SlowFast configs/masked_ssl: 200 / 200 / 400 passes with 60 / 30 / 60 of warmup, batch 512 clips x 4 repeats
     "k400_VIT_B_16x4_MAE_PT": PretrainRecipe(model="vit_b", epochs=200, warmup_epochs=60, **_PAPER_PT),
@@ -62,8 +65,7 @@ PRETRAIN_RECIPES = {
     ),
     # a few hundred steps of a tiny model on the demo shards, in minutes on two CPU cores
     "demo_PT": PretrainRecipe(
-        model="vit_tiny", model_options={"img_size": 64, "num_frames": 8, "patch_size": 8, "embed_dim": 96,
-                                         "depth": 4, "num_heads": 4, "decoder_embed_dim": 64, "decoder_depth": 2,
+        model="vit_tiny", model_options={**DEMO_ENCODER, "decoder_embed_dim": 64, "decoder_depth": 2,
                                          "decoder_num_heads": 4, "pred_t_dim": 4},
         num_frames=8, stride=4, target_fps=None, crop_size=64, repeats=2, blr=1.5e-2, clip_grad=1.0,
         epochs=40, warmup_epochs=3, checkpoint_every=100, log_every=5, image_every=100,
@@ -106,3 +108,49 @@ def resolve_recipe(recipes: dict, name: str, overrides: list[str]):
             raise ValueError(f"unknown recipe field {key!r}; fields are {sorted(fields - {'model_options'})} "
                              "and model.<option>")
     return dataclasses.replace(recipe, model_options=model_options, **changes)
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe(Recipe):
+    num_classes: int | None = None  # None: from the shards' label map
+    drop_path: float = 0.1
+    dropout: float = 0.3  # before the head
+    layer_decay: float = 0.65  # lr x layer_decay^(blocks above): the embedding learns least
+    scale: tuple = (0.08, 1.0)
+    repeats: int = 2  # repeated augmentation
+    rand_augment: tuple | None = (2, 7)  # (ops, magnitude), DALI's RandAugment on the GPU
+    mixup: float = 0.8  # Beta(a, a) of mixup; 0 turns it off
+    cutmix: float = 1.0  # Beta(a, a) of cutmix; 0 turns it off
+    mixup_switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
+    label_smoothing: float = 0.1
+    random_erasing: float = 0.25  # probability per view
+    blr: float = 2.4e-3
+    betas: tuple = (0.9, 0.999)
+    min_lr: float = 1e-6
+    clip_grad: float = 5.0
+    epochs: float = 75
+    warmup_epochs: float = 5
+    eval_split: str = "val"
+    eval_clips: int = 7  # final test: temporal clips x spatial crops per video, softmax averaged
+    eval_crops: int = 3
+    eval_every: int = 1  # epochs between quick single-view validations (0: none)
+    image_every: int = 0
+    explosion_factor: float | None = None  # a small batch's cross-entropy legitimately doubles: NaN/inf only
+
+
+# SlowFast's base lr is per 8-GPU node of 64 clips: blr = lr x 256 / 64 (mae_st's blr 2.4e-3 for ViT-B agrees).
+FINETUNE_RECIPES = {
+    "k400_VIT_B_16x4_FT": FinetuneRecipe(model="vit_b", drop_path=0.1, layer_decay=0.65, blr=2.4e-3, epochs=75,
+                                         dropout=0.3, repeats=2),
+    "k400_VIT_L_16x4_FT": FinetuneRecipe(model="vit_l", drop_path=0.2, layer_decay=0.75, blr=1.2e-3, epochs=50,
+                                         dropout=0.3, repeats=2),
+    "k400_VIT_H_16x4_FT": FinetuneRecipe(model="vit_h", drop_path=0.2, layer_decay=0.8, blr=1.2e-3, epochs=75,
+                                         dropout=0.5, repeats=1, model_options={"grad_checkpointing": True}),
+    # the demo's motion classes from the demo_PT model: no mixup, cutmix or RandAugment on 68 clips
+    "demo_FT": FinetuneRecipe(
+        model="vit_tiny", model_options=DEMO_ENCODER,
+        num_frames=8, stride=4, target_fps=None, crop_size=64, repeats=2, rand_augment=None, mixup=0.0, cutmix=0.0,
+        random_erasing=0.0, drop_path=0.0, dropout=0.0, layer_decay=0.9, blr=0.1, clip_grad=5.0, epochs=25,
+        warmup_epochs=2, eval_clips=2, eval_crops=3, checkpoint_every=200, log_every=5,
+    ),
+}

@@ -30,6 +30,9 @@ class Task:
     recipes: dict = {}
     description: str = ""
 
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
     def build_model(self, recipe, env):
         raise NotImplementedError
 
@@ -63,6 +66,7 @@ class Run:
 
     def __init__(self, task: Task, args: argparse.Namespace, recipe):
         self.task, self.args, self.recipe = task, args, recipe
+        task.args = args
         self.env = init_distributed()
         self.run_dir = args.output
         os.makedirs(self.run_dir, exist_ok=True)
@@ -115,10 +119,10 @@ class Run:
 
     def train(self) -> int:
         """The step loop; returns the process exit code."""
-        guard, recipe = LossGuard(), self.recipe
+        guard, recipe = LossGuard(self.recipe.explosion_factor), self.recipe
         stream = _endless(self.loader)
         epoch = self.loader.epoch
-        while self.step < self.stop_at:
+        while self.step < self.stop_at and not getattr(self.args, "eval_only", False):
             start = time.perf_counter()
             batch = next(stream)
             self.monitor.data_wait(time.perf_counter() - start)
@@ -144,15 +148,16 @@ class Run:
             if self.step % recipe.checkpoint_every == 0 and self.step < self.stop_at:
                 self.checkpointer.save(self.engine, self.step, self.loader)
         tag = self.checkpointer.latest()
-        if tag != f"step{self.step:08d}":  # (a finished run started again has nothing new to save)
-            tag = self.checkpointer.save(self.engine, self.step, self.loader)
+        if tag != f"step{self.step:08d}" and not getattr(self.args, "eval_only", False):
+            tag = self.checkpointer.save(self.engine, self.step, self.loader)  # (a finished run has nothing new)
         summary = self.task.finish(self, tag)
         self.monitor.close()
         self.loader.close()
         if self.env.is_main:
             lines = [f"done: {self.step} steps in {self.run_dir}; {self.monitor.loss_summary()}",
-                     f"  checkpoint: {os.path.join(self.checkpointer.dir, tag)} (resumes from here)",
                      f"  TensorBoard: tensorboard --logdir {os.path.join(self.run_dir, 'tensorboard')}"]
+            if tag:
+                lines.insert(1, f"  checkpoint: {os.path.join(self.checkpointer.dir, tag)} (resumes from here)")
             print("\n".join(lines + summary), flush=True)
         return 0
 
@@ -207,6 +212,7 @@ def parse_args(task: Task, argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointing at the end)")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher (read from the env)")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, model options model.key=value")
+    task.add_arguments(p)
     return p.parse_intermixed_args(argv)
 
 

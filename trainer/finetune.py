@@ -1,0 +1,134 @@
+"""Fine-tuning from an MAE checkpoint, and Kinetics multi-view testing.
+
+    deepspeed --num_gpus 8 trainer/finetune.py --ds_config ds_configs/zero2_bf16.json --recipe k400_VIT_L_16x4_FT \\
+        --data shards/k400 --pretrained runs/vit_l/export/mae_st_pretrain.pth --output runs/vit_l_ft
+    python trainer/finetune.py --ds_config ds_configs/cpu.json --recipe demo_FT --data demo_data/shards \\
+        --pretrained runs/demo_pt --output runs/demo_ft
+--pretrained takes our runs (a run folder, DeepSpeed checkpoint or fp32 export), mae_st files and SlowFast model-zoo
+files. --eval-only tests a fine-tuned model (the run's own checkpoint, or --pretrained) without training.
+The final test prints a line starting with `top1:` and writes RUN_DIR/eval.json and RUN_DIR/per_class_accuracy.csv.
+"""
+
+import logging
+import os
+import sys
+
+import torch.nn.functional as F
+
+from dali_pipes import build_eval_loader, build_finetune_loader
+from dali_pipes.shard_set import open_shard_set
+from models import build_classifier, classifier_macs, load_pretrained
+from trainer.batch_augment import mixup_cutmix, random_erasing
+from trainer.evaluate import evaluate, write_report
+from trainer.pretrain import check_model_fits_data
+from trainer.recipes import FINETUNE_RECIPES
+from trainer.run import Task, main
+
+log = logging.getLogger("trainer")
+
+
+def layer_decay_scale(name: str, depth: int, decay: float) -> float:
+    """lr multiplier: 1 for the head and final norm, decay^k for the block k layers below them, the embeddings
+    (patch, position, cls) one step below the first block."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    else:
+        layer = depth + 1
+    return decay ** (depth + 1 - layer)
+
+
+class Finetuning(Task):
+    recipes = FINETUNE_RECIPES
+    description = __doc__
+
+    def add_arguments(self, parser):
+        parser.add_argument("--pretrained", help="weights to start from (any format; see above)")
+        parser.add_argument("--eval-only", action="store_true", help="test without training")
+
+    def build_model(self, recipe, env):
+        model = build_classifier(recipe.model, num_classes=self.num_classes, drop_path_rate=recipe.drop_path,
+                                 dropout=recipe.dropout, **recipe.model_options)
+        check_model_fits_data(model.cfg, recipe)
+        source = self.args.pretrained or recipe.init_from
+        if source:
+            log.info("pretrained weights %s: %s", source, load_pretrained(model, source))
+        elif env.is_main:
+            log.warning("no --pretrained weights: training from a random initialization")
+        return model
+
+    def build_loader(self, recipe, data, env, micro_batch, dtype):
+        self.threads = recipe.loader_threads or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
+        self.eval_options = dict(num_frames=recipe.num_frames, stride=recipe.stride, crop_size=recipe.crop_size,
+                                 rank=env.rank, world_size=env.world_size, decoder=recipe.decoder,
+                                 split=recipe.eval_split, target_fps=recipe.target_fps, device=env.device,
+                                 dtype=dtype, num_threads=self.threads)
+        loader = build_finetune_loader(
+            data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
+            crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
+            decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
+            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=self.threads)
+        open_shard_set(data, recipe.eval_split)  # fail now, not after training, if the test split is missing
+        self.eval_loaders = {}
+        self.class_names = {index: name for name, index in loader.shards.label_map.items()}
+        self.num_classes = recipe.num_classes or len(loader.shards.label_map)
+        self.micro_batch = micro_batch
+        return loader
+
+    def loss(self, engine, batch, recipe):
+        video = random_erasing(batch["video"], recipe.random_erasing)
+        video, targets = mixup_cutmix(video, batch["label"], self.num_classes, recipe.mixup, recipe.cutmix,
+                                      recipe.mixup_switch_prob, recipe.label_smoothing)
+        logits = engine(video)
+        return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean(), None
+
+    def train_flops_per_clip(self, model, recipe) -> float:
+        return 3 * 2 * recipe.repeats * classifier_macs(model.cfg)
+
+    def lr_scale_of(self, model, recipe):
+        return lambda name: layer_decay_scale(name, model.cfg.depth, recipe.layer_decay)
+
+    def test(self, run, clips: int, crops: int) -> dict:
+        """Multi-view accuracy on the eval split (clips x crops views per video)."""
+        key = (clips, crops)
+        if key not in self.eval_loaders:
+            self.eval_loaders[key] = build_eval_loader(
+                run.args.data, batch_size=max(1, self.micro_batch // (clips * crops)), num_clips=clips,
+                num_crops=crops, **self.eval_options)
+        run.engine.eval()
+        report = evaluate(lambda video: run.engine(video), self.eval_loaders[key], self.class_names)
+        run.engine.train()
+        return report
+
+    def after_epoch(self, run, epoch):
+        if run.recipe.eval_every and epoch % run.recipe.eval_every == 0:
+            report = self.test(run, 1, 1)
+            if run.env.is_main:
+                run.monitor.writer.add_scalar("eval/top1_single_view", report["top1"], run.step)
+                run.monitor.writer.add_scalar("eval/top5_single_view", report["top5"], run.step)
+                log.info("epoch %d: single-view validation top1 %.2f top5 %.2f (%d videos)", epoch, report["top1"],
+                         report["top5"], report["videos"])
+
+    def finish(self, run, tag):
+        recipe = run.recipe
+        report = self.test(run, recipe.eval_clips, recipe.eval_crops)
+        if not run.env.is_main:
+            return []
+        views = f"{recipe.eval_clips}x{recipe.eval_crops}"
+        line = write_report(report, run.run_dir, views)
+        run.monitor.writer.add_scalar("eval/top1", report["top1"], run.step)
+        run.monitor.writer.add_scalar("eval/top5", report["top5"], run.step)
+        print(line, flush=True)
+        lines = [f"  test ({views} views): {os.path.join(run.run_dir, 'eval.json')}, "
+                 f"{os.path.join(run.run_dir, 'per_class_accuracy.csv')}"]
+        if tag and not run.args.eval_only:
+            export = os.path.join(run.run_dir, "export", "mae_st_finetune.pth")
+            os.makedirs(os.path.dirname(export), exist_ok=True)
+            run.checkpointer.export_mae_st(tag, export, epoch=run.step / run.steps_per_epoch)
+            lines.append(f"  fp32 weights, mae_st format: {export}")
+        return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main(Finetuning()))
