@@ -199,7 +199,8 @@ class LoadReport:
     ignored: list = field(default_factory=list)
 
     def __str__(self) -> str:
-        parts = [f"loaded {self.loaded} tensors from a {self.source_format} checkpoint"]
+        source = {"ours": "this project's", "mae_st": "an mae_st", "slowfast": "a SlowFast"}[self.source_format]
+        parts = [f"loaded {self.loaded} tensors from {source} checkpoint"]
         if self.converted:
             parts.append("converted: " + "; ".join(self.converted))
         if self.fresh:
