@@ -191,9 +191,11 @@ class VideoLoader:
             return
         if self._reader_state is None:  # a fresh reader: epoch self.epoch gets an order of its own
             self._reader_start, self._reader_epochs = self.epoch, 0
+        # reading is memory copies: a quarter of the threads (measured on 2 cores: 1 reading thread beside 2
+        # decoding ones gave 125 clips/s against 113 with 2 + 2)
         reader = ShardReader(self.shards, self.batch_size, self.rank, self.world_size,
                              (self.seed * 7919 + self._reader_start) % 2**31, self.shuffle, self.shuffle_buffer,
-                             self.num_threads, checkpoint=self._reader_state)
+                             max(1, self.num_threads // 4), checkpoint=self._reader_state)
         self._queue = queue.Queue(maxsize=self.prefetch + 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_batches, args=(reader, self._stop), daemon=True,
