@@ -3,7 +3,7 @@
 A background thread reads batch after batch of encoded clips (reader.py), draws each clip's frames and crops
 (sampling.py) and, on the PyAV path, decodes them, staying `prefetch` batches ahead. The main thread feeds them to the
 views pipeline (views_pipeline.py), which decodes and augments the next batch on DALI's threads and the GPU while
-training computes on the current one.
+training computes on the current one (on a GPU several such pipelines take turns, to use several NVDEC engines).
 
 A video the decoder rejects fails its whole batch in DALI; the loader then decodes that batch's clips one by one on a
 side pipeline, logs and counts the bad ones, replaces them with good clips of the same batch, and yields the repaired
@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -81,7 +82,7 @@ class VideoLoader:
                  eval_clips: int = 7, eval_crops: int = 3, rank: int = 0, world_size: int = 1, seed: int = 0,
                  decoder: str = "auto", device="cpu", dtype=torch.float32, num_threads: int | None = None,
                  prefetch: int = 2, shuffle: bool = True, shuffle_buffer: int = 1024,
-                 rand_augment: tuple[int, int] | None = None):
+                 rand_augment: tuple[int, int] | None = None, decode_pipelines: int | None = None):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         self.shards = open_shard_set(shards_dir, split)
@@ -104,12 +105,17 @@ class VideoLoader:
             shared_frames=self.shared_frames, half=self.device.type == "cuda" and dtype != torch.float32,
             num_threads=self.num_threads, rand_augment=rand_augment,
         )
-        self.pipe = build_views_pipeline(**self.pipe_options)
+        # One DALI decoder pipeline was reported to drive a single NVDEC engine (NVIDIA/DALI#6387) and an H100 has
+        # seven; ViT-B at R=4 needs about two engines' worth of clips at 40% MFU (tools/gpu_projection.py). Several
+        # pipelines, fed in turn, each hold one batch in flight. On a CPU one pipeline already uses every core.
+        self.decode_pipelines = decode_pipelines or (4 if self.decoder == "dali-gpu" else 1)
+        self.pipes = [build_views_pipeline(**self.pipe_options) for _ in range(self.decode_pipelines)]
         self.prefetch, self._side_pipe = prefetch, None
         self.skipped = 0  # undecodable clips replaced so far
         self.epoch, self.position = 0, 0  # of the next batch to yield
         self._reader_state, self._reader_epochs, self._reader_start, self._thread = None, 0, 0, None
-        self._pending = None  # the feed scheduled in the views pipeline, not yet collected
+        self._pending = deque()  # (pipeline index, feed) scheduled and not yet collected, oldest first
+        self._epoch_fed = False  # the reading thread's end-of-epoch mark has been taken
         self._buffers, self._turn = [(None, lambda: None)] * 2, 0  # (buffer, the batch tensor made from it)
         self._batches_per_epoch = math.ceil(max(self.shards.rank_sizes(world_size)) / batch_size)
 
@@ -149,36 +155,42 @@ class VideoLoader:
     def __iter__(self):
         """The rest of the current epoch (all of it after set_epoch or at the start)."""
         self._start_reader()
-        if self._pending is None and not self._schedule_next():
-            return
-        while self._pending is not None:
-            feed, self._pending = self._pending, None
+        if not self._pending:  # (batches left from a loop left early belong to an epoch already fed)
+            self._epoch_fed = False
+        free = [i for i in range(self.decode_pipelines) if i not in {index for index, _ in self._pending}]
+        for index in free:  # a loop left early keeps its scheduled batches: they come first
+            if not self._schedule_next(index):
+                break
+        while self._pending:
+            index, feed = self._pending.popleft()
+            pipe = self.pipes[index]
             try:
-                batch = self._to_batch(feed, self.pipe.share_outputs())
+                batch = self._to_batch(feed, pipe.share_outputs())
             except RuntimeError as err:  # a clip the decoder cannot read failed the whole batch
                 batch = self._repair(feed, err)
             finally:
-                self.pipe.release_outputs()
-            more = self._schedule_next()  # the next batch decodes while the caller trains on this one
+                pipe.release_outputs()
+            self._schedule_next(index)  # the next batch decodes while the caller trains on this one
             self.position += 1
             self._reader_state = feed.reader_state
             if self.position == len(self):
                 self.epoch, self.position, self._reader_epochs = self.epoch + 1, 0, self._reader_epochs + 1
             yield batch
-            if not more:
-                return
 
-    def _schedule_next(self) -> bool:
-        """Feed the next batch of this epoch to the views pipeline; False at the end of the epoch."""
+    def _schedule_next(self, index: int) -> bool:
+        """Feed this epoch's next batch to pipeline `index`; False once the epoch has no more."""
+        if self._epoch_fed:
+            return False
         feed = self._queue.get()
         if isinstance(feed, BaseException):
             raise feed
         if feed is _EPOCH_END:
+            self._epoch_fed = True
             return False
         for name, values in feed.inputs(self.shared_frames).items():
-            self.pipe.feed_input(name, values)
-        self.pipe.schedule_run()
-        self._pending = feed
+            self.pipes[index].feed_input(name, values)
+        self.pipes[index].schedule_run()
+        self._pending.append((index, feed))
         return True
 
     # --- reading thread --------------------------------------------------------------------------------------------
@@ -203,13 +215,13 @@ class VideoLoader:
         self._thread.start()
 
     def _stop_reader(self) -> None:
-        if self._pending is not None:  # a batch already scheduled: collect and drop it
-            self._pending = None
+        while self._pending:  # batches already scheduled: collect and drop them
+            index, _ = self._pending.popleft()
             try:
-                self.pipe.share_outputs()
-                self.pipe.release_outputs()
+                self.pipes[index].share_outputs()
             except RuntimeError:
                 pass
+            self.pipes[index].release_outputs()
         if self._thread is None:
             return
         self._stop.set()

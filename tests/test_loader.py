@@ -105,6 +105,11 @@ def test_seed_determinism_and_fresh_order_per_epoch(vp9_shards):
     a, b, c = run(1, epochs=2), run(1), run(2)
     for x, y in zip(a[0], b[0]):
         assert torch.equal(x["label"], y["label"]) and torch.equal(x["video"], y["video"])
+    # several decoding pipelines taking turns (the GPU default) give the very same stream
+    turns = build_pretrain_loader(vp9_shards, batch_size=4, repeats=2, num_frames=4, crop_size=24, seed=1,
+                                  decode_pipelines=3)
+    for x, y in zip([b for _ in range(2) for b in turns], a[0] + a[1]):
+        assert torch.equal(x["label"], y["label"]) and torch.equal(x["video"], y["video"])
     assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(a[0], c[0]))
     order = [torch.cat([x["label"][:4] for x in epoch]).tolist() for epoch in a]
     assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]

@@ -80,9 +80,9 @@ def measure_decode_limit(cfg: dict, decoder: str) -> dict:
         return batches[count[0] % len(batches)]
 
     if decoder == "pyav":
-        pool = ThreadPoolExecutor(cfg["workers"])
-        seconds = time_calls(lambda: list(pool.map(decode_frames, *next_inputs())), cfg["batches"],
-                             cfg["warmup"], cfg["reps"])
+        with ThreadPoolExecutor(cfg["workers"]) as pool:
+            seconds = time_calls(lambda: list(pool.map(decode_frames, *next_inputs())), cfg["batches"],
+                                 cfg["warmup"], cfg["reps"])
         return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
 
     @pipeline_def(batch_size=cfg["batch_size"], num_threads=cfg["workers"], device_id=None if decoder == "dali-cpu"

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from dali_pipes.shard_format import MANIFEST, pack_info
 from tools.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
-from tools.shard_writer import STATE_DIR, ShardWriter, atomic_write_text, recover
+from tools.atomic_files import atomic_write_text
+from tools.shard_writer import STATE_DIR, ShardWriter, recover
 from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
 
 TOOL_VERSION = "1.0"

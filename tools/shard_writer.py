@@ -13,17 +13,9 @@ import webdataset as wds
 from wds2idx import IndexCreator  # DALI's own index builder (installed with nvidia-dali)
 
 from dali_pipes.shard_format import index_name, shard_name
+from tools.atomic_files import atomic_write_text
 
 STATE_DIR = ".state"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def recover(out_dir: str, split: str) -> list[dict]:

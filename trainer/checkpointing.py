@@ -20,16 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tools.atomic_files import atomic_write_text
+
 log = logging.getLogger("trainer")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -116,9 +109,9 @@ class Checkpointer:
         dist.barrier()
         if self.env.is_main:
             stage = engine.zero_optimization_stage()
-            _atomic_write(os.path.join(folder, "meta.json"),
+            atomic_write_text(os.path.join(folder, "meta.json"),
                           json.dumps({"step": step, "world_size": self.env.world_size, "zero_stage": stage}))
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            atomic_write_text(os.path.join(self.dir, "latest"), tag)
             self._prune(keep=tag)
         dist.barrier()
         return tag

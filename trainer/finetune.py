@@ -63,12 +63,13 @@ class Finetuning(Task):
         self.eval_options = dict(num_frames=recipe.num_frames, stride=recipe.stride, crop_size=recipe.crop_size,
                                  rank=env.rank, world_size=env.world_size, decoder=recipe.decoder,
                                  split=recipe.eval_split, target_fps=recipe.target_fps, device=env.device,
-                                 dtype=dtype, num_threads=self.threads)
+                                 dtype=dtype, num_threads=self.threads, decode_pipelines=recipe.decode_pipelines)
         loader = build_finetune_loader(
             data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
             crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
             decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=self.threads)
+            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=self.threads,
+            decode_pipelines=recipe.decode_pipelines)
         open_shard_set(data, recipe.eval_split)  # fail now, not after training, if the test split is missing
         self.eval_loaders = {}
         self.class_names = {index: name for name, index in loader.shards.label_map.items()}

@@ -45,7 +45,7 @@ class Pretraining(Task):
             data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
             crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
             decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            device=env.device, dtype=dtype, num_threads=threads)
+            device=env.device, dtype=dtype, num_threads=threads, decode_pipelines=recipe.decode_pipelines)
 
     def loss(self, engine, batch, recipe):
         loss, pred, mask = engine(batch["video"], mask_ratio=recipe.mask_ratio, mask_repeats=recipe.mask_repeats)

@@ -26,6 +26,7 @@ class Recipe:
     repeats: int = 4  # views per decoded clip
     decoder: str = "auto"
     loader_threads: int | None = None
+    decode_pipelines: int | None = None  # DALI pipelines taking turns per process (None: 4 on a GPU, 1 on a CPU)
     # optimization: lr = blr x clips per step / 256, repeats not counted (the official code's choice)
     batch_size: int | None = None  # clips per optimizer step over all ranks; None: whatever the ds_config gives
     blr: float = 1.6e-3
