@@ -27,7 +27,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from dali_pipes.decoder_choice import choose_decoder, gpu_available
 from dali_pipes.pyav_decoder import UndecodableVideo, decode_frames
 from dali_pipes.reader import ShardReader
-from dali_pipes.sampling import SamplePlan, ViewSpec, plan_eval_sample, plan_train_sample
+from dali_pipes.sampling import ViewSpec, plan_eval_sample, plan_train_sample
 from dali_pipes.shard_format import unpack_info
 from dali_pipes.shard_set import open_shard_set
 from dali_pipes.views_pipeline import build_views_pipeline
@@ -329,7 +329,7 @@ class VideoLoader:
 
     def _to_batch(self, feed: Feed, views: tuple) -> dict:
         """DALI's per-view outputs -> torch. Training batches are view-major (row v * B + b is view v of clip b);
-        evaluation batches clip-major, so that a video's views sit together."""
+        evaluation batches clip-major, so that a video's views sit together, with a 'video_index' per row."""
         first = views[0].as_tensor()  # [B, C, T, S, S]
         out = self._output_buffer((len(views), *first.shape()), to_torch_type[first.dtype])
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -340,11 +340,14 @@ class VideoLoader:
             video = out.flatten(0, 1).to(self.dtype)
             self._buffers[self._turn] = (out, weakref.ref(video))
             return {"video": video, "label": labels.repeat(len(views))}
-        keep = feed.real  # the padding at the end of an epoch is dropped; a video's views share its index
+        # a video's views share its index; the padding at the end of an epoch keeps its place (every rank runs the
+        # same forward passes, which ZeRO-3 needs) with index -1
         first_clip = feed.position * self.batch_size
-        index = torch.arange(first_clip, first_clip + keep, device=self.device).repeat_interleave(len(views))
-        video = out[:, :keep].transpose(0, 1).flatten(0, 1).to(self.dtype)
-        return {"video": video, "label": labels[:keep].repeat_interleave(len(views)), "video_index": index}
+        index = torch.arange(first_clip, first_clip + len(feed.labels), device=self.device)
+        index[feed.real:] = -1
+        video = out.transpose(0, 1).flatten(0, 1).to(self.dtype)
+        return {"video": video, "label": labels.repeat_interleave(len(views)),
+                "video_index": index.repeat_interleave(len(views))}
 
 
 def _try_decode(data, frames):
@@ -360,7 +363,8 @@ def build_pretrain_loader(shards_dir: str, batch_size: int = 8, repeats: int = 4
     """MAE-ST pretraining: R views per decoded clip, random resized crop (scale 0.5-1, aspect 3/4-4/3), flip.
     options: target_fps, per_view_start, scale, ratio, flip (ViewSpec) and device, dtype, num_threads, prefetch,
     shuffle_buffer (VideoLoader)."""
-    spec_fields = {k: options.pop(k) for k in ("target_fps", "per_view_start", "scale", "ratio", "flip") if k in options}
+    spec_keys = ("target_fps", "per_view_start", "scale", "ratio", "flip")
+    spec_fields = {k: options.pop(k) for k in spec_keys if k in options}
     spec = ViewSpec(num_frames=num_frames, stride=stride, repeats=repeats, crop_size=crop_size, **spec_fields)
     return VideoLoader(shards_dir, split=split, batch_size=batch_size, spec=spec, rank=rank, world_size=world_size,
                        seed=seed, decoder=decoder, **options)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX tiles (torch's own capability probes)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

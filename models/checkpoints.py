@@ -73,7 +73,8 @@ def read_state_dict(source) -> tuple[dict, str]:
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError("not a model checkpoint: expected a state dict of tensors (bare or under 'model'/'model_state')")
+        raise ValueError("not a model checkpoint: expected a state dict of tensors (bare, or under 'model' or "
+                         "'model_state')")
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}  # DDP / torch.compile prefixes
     if "patch_embed.proj.weight" not in state:
         raise ValueError(
@@ -152,7 +153,8 @@ def to_ours(state: Mapping, fmt: str) -> dict:
 
 
 def from_ours(state: Mapping, fmt: str) -> dict:
-    """Our state dict -> `fmt` (the layout must exist there: mae_st has no joint decoder table, SlowFast no decoder cls)."""
+    """Our state dict -> `fmt` (its decoder layout must exist there: mae_st has no joint decoder table, SlowFast no
+    decoder cls token)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     foreign = {"mae_st": "decoder_pos_embed", "slowfast": "decoder_cls_token"}.get(fmt)

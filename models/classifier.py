@@ -1,4 +1,5 @@
-"""Fine-tuning model: the pretrained encoder on all tokens, mean-pooled patch tokens, LayerNorm, dropout, linear head."""
+"""Fine-tuning model: the pretrained encoder on all tokens, mean-pooled patch tokens, LayerNorm, dropout, a linear
+head."""
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ options are how the two official releases (mae_st and SlowFast's MaskMViT) diffe
 
 from dataclasses import dataclass, fields, replace
 
-# width / depth / heads from the paper (see ../shared/reference/mae_st_recipe.md); tiny sizes are for tests and the demo.
+# width / depth / heads from the paper (../shared/reference/mae_st_recipe.md); the tiny size is for tests and the demo.
 MODEL_SIZES = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -88,7 +88,8 @@ class MAEConfig(VideoViTConfig):
                 f"and at most num_frames {self.num_frames}"
             )
         if self.decoder_heads < 1 or self.decoder_embed_dim % self.decoder_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} does not split into {self.decoder_heads} heads")
+            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} does not split into "
+                             f"{self.decoder_heads} heads")
         for name, allowed in (
             ("decoder_pos_embed", ("separable", "joint")),
             ("decoder_cls", ("learned", "encoder")),

@@ -106,7 +106,8 @@ class MaskedAutoencoder(VideoViT):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, L, P]
 
     def patchify(self, videos: torch.Tensor) -> torch.Tensor:
-        """The target frames of [N, C, T, H, W] clips as [N, L, P] patches, values ordered (frame, row, col, channel)."""
+        """The target frames of [N, C, T, H, W] clips as [N, L, P] patches, each patch's values ordered (frame, row,
+        column, channel) as in both official codebases."""
         frames = videos.index_select(2, self.target_frame_ids)  # [N, C, pred_t_dim, H, W]
         p, u = self.cfg.patch_size, self.cfg.frames_per_token
         return rearrange(frames, "n c (t u) (h p) (w q) -> n (t h w) (u p q c)", u=u, p=p, q=p)
@@ -143,5 +144,5 @@ class MaskedAutoencoder(VideoViT):
 
 
 def build_pretrain_model(name: str = "vit_b", **overrides) -> MaskedAutoencoder:
-    """MAE-ST pretraining model of size vit_b | vit_l | vit_h | vit_tiny, with mae_st's constructor arguments as overrides."""
+    """MAE-ST pretraining model of size vit_b | vit_l | vit_h | vit_tiny; overrides use mae_st's constructor names."""
     return MaskedAutoencoder(resolve_config(MAEConfig, name, **overrides))

@@ -52,7 +52,8 @@ def shard_keys(out, split="train"):
 def test_kinetics_csv_input(tmp_path, capsys):
     csv_path, videos = kinetics_folder(tmp_path)
     out = tmp_path / "shards"
-    assert build_shards.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out), "--workers", "2"]) == 0
+    args = ["--csv", str(csv_path), "--videos", str(videos)]
+    assert build_shards.main([*args, "--out", str(out), "--workers", "2"]) == 0
     manifest = read_manifest(str(out))
     assert manifest["label_map"] == {"abseiling": 0, "juggling balls": 1, "zumba": 2}  # sorted class names
     assert manifest["splits"]["train"]["samples"] == 3 and manifest["splits"]["val"]["samples"] == 3
@@ -62,7 +63,7 @@ def test_kinetics_csv_input(tmp_path, capsys):
     assert "wrote 6 clips (train 3, val 3)" in summary and "skipped 1: file not found (missing) 1" in summary
     # the same csv with --split picks one split
     out2 = tmp_path / "val_only"
-    assert build_shards.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out2), "--split", "val"]) == 0
+    assert build_shards.main([*args, "--out", str(out2), "--split", "val"]) == 0
     assert list(read_manifest(str(out2))["splits"]) == ["val"]
 
 
@@ -123,7 +124,7 @@ def test_each_codec_path(tmp_path, codec, decoder_name):
 def test_every_skip_reason(tmp_path, bad_videos, capsys):
     root = tmp_path / "root" / "cls"
     root.mkdir(parents=True)
-    for reason, path in bad_videos.items():
+    for path in bad_videos.values():
         os.rename(path, root / os.path.basename(path))
     write_video(root / "fine.mp4", frames=40)
     out = tmp_path / "out"

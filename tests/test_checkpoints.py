@@ -184,7 +184,8 @@ def test_mae_st_vit_h_patch14_error_tells_how_to_build_it():
 
 
 def test_read_state_dict_unwraps_and_strips_prefixes(tmp_path):
-    state = {"module.patch_embed.proj.weight": torch.zeros(2, 3, 2, 4, 4), "module.blocks.0.attn.q.weight": torch.zeros(2, 2)}
+    state = {"module.patch_embed.proj.weight": torch.zeros(2, 3, 2, 4, 4),
+             "module.blocks.0.attn.q.weight": torch.zeros(2, 2)}
     path = tmp_path / "x.pth"
     torch.save({"model": state, "epoch": 1, "args": __import__("argparse").Namespace(lr=1.0)}, path)
     loaded, fmt = read_state_dict(str(path))

@@ -7,7 +7,8 @@
 import argparse
 import sys
 
-from models.checkpoints import FORMATS, PRETRAIN_ONLY_PREFIXES, from_ours, infer_options, read_state_dict, save_as, to_ours
+from models.checkpoints import (FORMATS, PRETRAIN_ONLY_PREFIXES, from_ours, infer_options, read_state_dict, save_as,
+                                to_ours)
 
 
 def main(argv=None) -> int:

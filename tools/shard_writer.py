@@ -34,7 +34,8 @@ def recover(out_dir: str, split: str) -> list[dict]:
         else:  # a .partial tar, a .tmp, or the sidecar of a shard that never got renamed
             os.remove(path)
     for name in os.listdir(out_dir):
-        if pattern.match(name) and name.endswith(".idx") and not os.path.exists(os.path.join(out_dir, name[:-4] + ".tar")):
+        orphan = not os.path.exists(os.path.join(out_dir, name[:-4] + ".tar"))
+        if pattern.match(name) and name.endswith(".idx") and orphan:
             os.remove(os.path.join(out_dir, name))
     return committed
 

@@ -44,7 +44,8 @@ def init_distributed() -> DistEnv:
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if cuda:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

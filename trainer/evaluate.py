@@ -16,11 +16,13 @@ def collect_video_scores(model_fn, loader) -> tuple[torch.Tensor, torch.Tensor]:
     labels, scores = [], []
     for batch in loader:
         probs = model_fn(batch["video"]).float().softmax(-1)  # [views, classes]
-        videos, inverse = torch.unique(batch["video_index"], return_inverse=True)
+        real = batch["video_index"] >= 0  # (-1: the end of an epoch's padding)
+        probs, label, index = probs[real], batch["label"][real], batch["video_index"][real]
+        videos, inverse = torch.unique(index, return_inverse=True)
         total = torch.zeros(len(videos), probs.shape[1], device=probs.device).index_add_(0, inverse, probs)
         count = torch.zeros(len(videos), device=probs.device).index_add_(0, inverse, torch.ones_like(inverse,
                                                                                                   dtype=torch.float))
-        label = torch.zeros(len(videos), dtype=torch.long, device=probs.device).scatter_(0, inverse, batch["label"])
+        label = torch.zeros(len(videos), dtype=torch.long, device=probs.device).scatter_(0, inverse, label)
         labels.append(label.cpu())  # (all views of a video carry its label)
         scores.append((total / count[:, None]).cpu())
     return torch.cat(labels), torch.cat(scores)
