@@ -16,7 +16,8 @@ import warnings
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment as auto_rand_augment
 
-MEAN, STD = 0.45 * 255, 0.225 * 255
+from dali_pipes.normalization import MEAN, STD
+
 
 
 

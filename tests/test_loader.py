@@ -13,7 +13,7 @@ from conftest import make_shards, read_index, write_video
 from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
 from dali_pipes.decoder_choice import choose_decoder
 from dali_pipes.shard_format import pack_info
-from dali_pipes.views_pipeline import MEAN, STD
+from dali_pipes.normalization import MEAN, STD
 from tools.shard_writer import ShardWriter
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,14 @@ import webdataset as wds
 from dali_pipes.pyav_decoder import decode_frames
 from dali_pipes.sampling import ViewSpec, plan_train_sample
 from dali_pipes.shard_format import VIDEO_EXTS, unpack_info
-from dali_pipes.views_pipeline import MEAN, STD
+from dali_pipes.normalization import MEAN, STD
 
 
 def decode_all_frames(data: bytes) -> np.ndarray:
     with av.open(io.BytesIO(data)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # as in decode_frames: the DataLoader's workers are the parallelism
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
 
 
 def torch_views(frames: np.ndarray, plan, crop_size: int) -> torch.Tensor:
@@ -70,7 +72,7 @@ def build_baseline_loader(tars: list, spec: ViewSpec, batch_size: int, workers: 
     """Batches of (views [B, R, 3, T, S, S], labels [B]) over the shards, repeating forever."""
     dataset = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False).repeat()
     dataset = dataset.shuffle(64).map(_Views(spec, whole_video, seed))
-    # spawned workers: forking a process that has DALI's threads running aborts the workers at exit
+    # the default (forked) workers, as users have them; nothing here has started DALI, whose threads a fork would
+    # not survive (dali_pipes imports DALI only with its loaders)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       persistent_workers=workers > 0,
-                                       multiprocessing_context="spawn" if workers > 0 else None)
+                                       persistent_workers=workers > 0)

@@ -4,6 +4,8 @@ runs of cfg["batches"] batches (n clips), after cfg["warmup"] batches."""
 
 import time
 
+_KEEP_UNTIL_EXIT = []
+
 
 def time_calls(next_batch, batches: int, warmup: int, reps: int) -> list[float]:
     """Seconds per rep of `batches` calls, after `warmup` calls."""
@@ -45,7 +47,9 @@ def measure_baseline(cfg: dict, whole_video: bool, repeats: int) -> dict:
                                    cfg["workers"], whole_video)
     stream = iter(loader)
     seconds = time_calls(lambda: next(stream), cfg["batches"], cfg["warmup"], cfg["reps"])
-    stream._shutdown_workers()  # the documented way out of a persistent-worker DataLoader is not having one
+    # Not shut down: its workers were seen to abort in their teardown ("terminate called without an active
+    # exception", torch 2.13 + PyAV 18), after the measurement; benchmark.py kills them with the process.
+    _KEEP_UNTIL_EXIT.append(stream)
     return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
 
 

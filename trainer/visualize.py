@@ -4,7 +4,7 @@
 import torch
 from einops import rearrange
 
-from dali_pipes.views_pipeline import MEAN, STD
+from dali_pipes.normalization import MEAN, STD
 
 
 @torch.no_grad()
