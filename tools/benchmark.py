@@ -48,16 +48,17 @@ PRESETS = {
 def _child(queue, module: str, function: str, cfg: dict, kwargs: dict):
     try:
         result = getattr(__import__(module, fromlist=[function]), function)(cfg, **kwargs)
-        peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        queue.put({**result, "peak_mb": round(peak_kb / 1024)})
     except Exception as err:  # reported in the table, not a crash of the whole benchmark
-        queue.put({"error": f"{type(err).__name__}: {err}"})
+        result = {"error": f"{type(err).__name__}: {err}"}
     # Leave without interpreter teardown, workers first: DataLoader workers and DALI threads were seen to abort in
     # their C++ destructors at exit ("terminate called without an active exception"), after the measurement.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the workers' deaths
     for worker in mp.active_children():
         worker.kill()
+        worker.join()  # (a waited-for child counts in RUSAGE_CHILDREN's peak)
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    queue.put({**result, "peak_mb": round(peak_kb / 1024)})
     queue.close()
     queue.join_thread()
     os._exit(0)
