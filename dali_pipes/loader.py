@@ -109,7 +109,9 @@ class VideoLoader:
         # seven; ViT-B at R=4 needs about two engines' worth of clips at 40% MFU (tools/gpu_projection.py). Several
         # pipelines, fed in turn, each hold one batch in flight. On a CPU one pipeline already uses every core.
         self.decode_pipelines = decode_pipelines or (4 if self.decoder == "dali-gpu" else 1)
-        self.pipes = [build_views_pipeline(**self.pipe_options) for _ in range(self.decode_pipelines)]
+        threads = max(1, self.num_threads // self.decode_pipelines)  # the process's share of cores, split
+        self.pipes = [build_views_pipeline(**{**self.pipe_options, "num_threads": threads})
+                      for _ in range(self.decode_pipelines)]
         self.prefetch, self._side_pipe = prefetch, None
         self.skipped = 0  # undecodable clips replaced so far
         self.epoch, self.position = 0, 0  # of the next batch to yield
