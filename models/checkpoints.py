@@ -1,8 +1,9 @@
 """Official MAE-ST checkpoints in and out: mae_st files, SlowFast model-zoo files (the seed's links) and our own.
 
-The formats (key lists in ../shared/reference/checkpoint_keys/):
+The formats (as saved by facebookresearch/mae_st's util/misc.py save_model and facebookresearch/SlowFast's
+slowfast/utils/checkpoint.py save_checkpoint; key/shape lists of every released variant: tests/data/checkpoint_keys/):
 - ours: fused `attn.qkv`, decoder as decoder_blocks / decoder_norm / decoder_pred, classifier head `head`.
-- mae_st: {'model': state_dict, 'optimizer', 'epoch', 'args'}; separate attn.q / attn.k / attn.v linears.
+- mae_st: {'model': state_dict, 'optimizer', 'epoch', 'scaler', 'args'}; separate attn.q / attn.k / attn.v linears.
 - slowfast: {'model_state': state_dict, 'epoch', 'optimizer_state', 'cfg'}; fused qkv; decoder blocks under
   pred_head.transforms.0.{i}, the decoder norm at pred_head.transforms.0.{depth}, the prediction at
   pred_head.projections.0; classifier head at head.projection. Its decoder layout differs too (config.SLOWFAST_LAYOUT).

@@ -3,11 +3,17 @@
 Field names follow facebookresearch/mae_st's constructors (img_size, patch_size, num_frames, ...) so that
 `build_pretrain_model("vit_l", num_frames=32)` reads like the official code. The three `decoder_*`/`target_frames`
 options are how the two official releases (mae_st and SlowFast's MaskMViT) differ; defaults follow mae_st.
+
+Every config checks its options when it is made (and again on `with_options`): all problems of one config are
+reported together in one ValueError, before anything is built.
 """
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
-# width / depth / heads from the paper (../shared/reference/mae_st_recipe.md); the tiny size is for tests and the demo.
+# width / depth / heads of ViT-B/L/H as in the MAE-ST paper (Feichtenhofer et al., arXiv 2205.09113) and the
+# facebookresearch/mae_st model factories; the tiny size is for tests and the demo.
 MODEL_SIZES = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -41,18 +47,31 @@ class VideoViTConfig:
     drop_path_rate: float = 0.0
     trunc_init: bool = False  # mae_st's option: truncated-normal instead of xavier init of the linears
     attn_impl: str = "auto"  # auto | sdpa | math, see models/attention.py
-    grad_checkpointing: bool = False  # recompute each block in backward: ViT-H at batch 8+ needs it on 80 GB
+    grad_checkpointing: bool = False  # recompute each block in backward (the trainer decides: trainer/memory_plan.py)
 
     def __post_init__(self):
-        if self.img_size % self.patch_size or self.num_frames % self.t_patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} / num_frames {self.num_frames} must be multiples of "
-                f"patch_size {self.patch_size} / t_patch_size {self.t_patch_size}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.attn_impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn_impl must be auto, sdpa or math, not {self.attn_impl!r}")
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid model options: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these options, one phrase each naming the option and what it may be ([] if valid)."""
+        out = []
+        ok = _positive_ints(self, ("img_size", "patch_size", "num_frames", "t_patch_size", "in_chans", "embed_dim",
+                                   "depth", "num_heads"), out)
+        for size, unit in (("img_size", "patch_size"), ("num_frames", "t_patch_size")):
+            if ok[size] and ok[unit] and getattr(self, size) % getattr(self, unit):
+                value, step = getattr(self, size), getattr(self, unit)
+                out.append(f"{size}={value} is not a multiple of {unit}={step} "
+                           f"(choose a multiple of {step}, e.g. {max(step, value - value % step)})")
+        if ok["embed_dim"] and ok["num_heads"] and self.embed_dim % self.num_heads:
+            out.append(f"num_heads={self.num_heads} does not divide embed_dim={self.embed_dim} "
+                       f"(choose a divisor of {self.embed_dim})")
+        _check_mlp_ratio(self, ("embed_dim",) if ok["embed_dim"] else (), out)
+        _check_rate(self, "drop_path_rate", out)
+        _check_bools(self, ("no_qkv_bias", "trunc_init", "grad_checkpointing"), out)
+        _check_choice(self, "attn_impl", ("auto", "sdpa", "math"), out)
+        return out
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -79,24 +98,41 @@ class MAEConfig(VideoViTConfig):
     decoder_cls: str = "learned"  # mae_st: a learned decoder_cls_token; SlowFast: the encoder's cls output, projected
     target_frames: str = "linspace"  # mae_st: linspace(0, T-1, pred_t_dim) floored; SlowFast: every T/pred_t_dim-th
 
-    def __post_init__(self):
-        super().__post_init__()
-        grid_t = self.grid[0]
-        if self.pred_t_dim % grid_t or self.pred_t_dim > self.num_frames:
-            raise ValueError(
-                f"pred_t_dim {self.pred_t_dim} must be a multiple of the {grid_t} temporal token slots "
-                f"and at most num_frames {self.num_frames}"
-            )
-        if self.decoder_heads < 1 or self.decoder_embed_dim % self.decoder_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} does not split into "
-                             f"{self.decoder_heads} heads")
+    def problems(self) -> list[str]:
+        out = super().problems()
+        ok = _positive_ints(self, ("decoder_embed_dim", "decoder_depth", "pred_t_dim"), out)
+        heads_ok = self.decoder_num_heads is None or (_is_int(self.decoder_num_heads) and self.decoder_num_heads >= 1)
+        if not heads_ok:
+            out.append(f"decoder_num_heads={self.decoder_num_heads!r} (must be an integer >= 1, or None for the "
+                       "layout's default)")
+        if ok["decoder_embed_dim"] and heads_ok:
+            dim, heads = self.decoder_embed_dim, self.decoder_heads
+            if self.decoder_num_heads is not None and dim % heads:
+                out.append(f"decoder_num_heads={heads} does not divide decoder_embed_dim={dim} "
+                           f"(choose a divisor of {dim})")
+            elif heads < 1:
+                out.append(f"decoder_embed_dim={dim} does not split into {heads} heads: the SlowFast layout's default "
+                           f"is one head per 64 dims (set decoder_num_heads, or decoder_embed_dim >= 64)")
+            elif dim % heads:
+                out.append(f"decoder_embed_dim={dim} does not split into the layout's default {heads} heads (set "
+                           f"decoder_num_heads to a divisor of {dim}, or decoder_embed_dim to a multiple of {heads})")
+        time_ok = all(_is_int(v) and v >= 1 for v in (self.num_frames, self.t_patch_size)) \
+            and self.num_frames % self.t_patch_size == 0
+        if ok["pred_t_dim"] and time_ok:
+            grid_t = self.grid[0]
+            if self.pred_t_dim % grid_t or self.pred_t_dim > self.num_frames:
+                allowed = ", ".join(str(n) for n in range(grid_t, self.num_frames + 1, grid_t))
+                out.append(f"pred_t_dim={self.pred_t_dim} must be a multiple of the {grid_t} temporal token slots "
+                           f"and at most num_frames={self.num_frames} (choose one of {allowed})")
+        _check_mlp_ratio(self, ("decoder_embed_dim",) if ok["decoder_embed_dim"] else (), out, report_value=False)
+        _check_bools(self, ("norm_pix_loss",), out)
         for name, allowed in (
             ("decoder_pos_embed", ("separable", "joint")),
             ("decoder_cls", ("learned", "encoder")),
             ("target_frames", ("linspace", "even")),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+            _check_choice(self, name, allowed, out)
+        return out
 
     @property
     def decoder_heads(self) -> int:
@@ -130,6 +166,66 @@ class ClassifierConfig(VideoViTConfig):
     num_classes: int = 400
     dropout: float = 0.5
     head_init_scale: float = 0.001  # the head starts small (SlowFast's MVIT.HEAD_INIT_SCALE)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        _positive_ints(self, ("num_classes",), out)
+        _check_rate(self, "dropout", out)
+        if not _is_number(self.head_init_scale) or self.head_init_scale <= 0:
+            out.append(f"head_init_scale={self.head_init_scale!r} (must be a number > 0)")
+        return out
+
+
+# --- option checks: each appends its problems to `out` -----------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_ints(cfg, names, out) -> dict:
+    """{name: valid} for options that must be integers >= 1 (2.5, "3" and True are not)."""
+    ok = {}
+    for name in names:
+        value = getattr(cfg, name)
+        ok[name] = _is_int(value) and value >= 1
+        if not ok[name]:
+            out.append(f"{name}={value!r} (must be an integer >= 1)")
+    return ok
+
+
+def _check_rate(cfg, name, out):
+    value = getattr(cfg, name)
+    if not _is_number(value) or not 0 <= value < 1:
+        out.append(f"{name}={value!r} (must be a number in [0, 1))")
+
+
+def _check_mlp_ratio(cfg, widths, out, report_value=True):
+    """mlp_ratio > 0, and at least one hidden unit (int(width * mlp_ratio)) at each of the `widths` options."""
+    ratio = cfg.mlp_ratio
+    if not _is_number(ratio) or ratio <= 0:
+        if report_value:
+            out.append(f"mlp_ratio={ratio!r} (must be a number > 0)")
+        return
+    for width in widths:
+        dim = getattr(cfg, width)
+        if int(dim * ratio) < 1:
+            out.append(f"mlp_ratio={ratio!r} gives the MLP of {width}={dim} no hidden units (must be >= 1/{dim})")
+
+
+def _check_bools(cfg, names, out):
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            out.append(f"{name}={getattr(cfg, name)!r} (must be True or False)")
+
+
+def _check_choice(cfg, name, allowed, out):
+    if getattr(cfg, name) not in allowed:
+        out.append(f"{name}={getattr(cfg, name)!r} (must be one of {', '.join(allowed)})")
 
 
 # Names the official constructors use that we spell differently or do not vary.

@@ -1,12 +1,15 @@
 """Official-checkpoint interop against the key/shape manifests of every released variant.
 
+The manifests (tests/data/checkpoint_keys/, see tests/data/README.md) list the state_dict keys and shapes of the
+models the official code builds: facebookresearch/mae_st's factories and facebookresearch/SlowFast's
+configs/masked_ssl configs, each file naming its repository, commit and factory or config.
+
 ViT-B manifests are loaded with real random weights and every value is checked to land where the official names
 say; ViT-L/H manifests (1.2-2.6 GB each in fp32) are checked on the meta device, which tests names and shapes
 without allocating them.
 """
 
 import json
-import os
 import pathlib
 
 import pytest
@@ -17,10 +20,11 @@ from models import build_classifier, build_pretrain_model, export_state_dict, lo
 from models.checkpoints import CheckpointMismatchError, from_ours, read_state_dict, to_ours
 from models.config import SLOWFAST_LAYOUT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-MANIFESTS = pathlib.Path(os.environ.get("MAE_ST_MANIFESTS", ROOT.parent / "shared" / "reference" / "checkpoint_keys"))
-ALL = sorted(p.stem for p in MANIFESTS.glob("*.json"))
-needs_manifests = pytest.mark.skipif(not ALL, reason=f"no checkpoint manifests at {MANIFESTS} (set MAE_ST_MANIFESTS)")
+MANIFESTS = pathlib.Path(__file__).resolve().parent / "data" / "checkpoint_keys"
+# every released variant, listed rather than globbed: a missing manifest fails its test instead of vanishing
+ALL = [f"{release}_{kind}_vit_{size}" for release, kinds in (("mae_st", ("pretrain", "finetune")),
+                                                             ("slowfast", ("pt", "ft")))
+       for kind in kinds for size in "blh"]
 
 
 def manifest(name):
@@ -50,11 +54,10 @@ def official_overrides(info) -> dict:
 def manifest_state(info, device):
     gen = torch.Generator().manual_seed(0)
     if device == "meta":
-        return {e["key"]: torch.empty(e["shape"], device="meta") for e in info["state_dict"]}
-    return {e["key"]: torch.randn(e["shape"], generator=gen) for e in info["state_dict"]}
+        return {key: torch.empty(shape, device="meta") for key, shape in info["state_dict"]}
+    return {key: torch.randn(shape, generator=gen) for key, shape in info["state_dict"]}
 
 
-@needs_manifests
 @pytest.mark.parametrize("name", ALL)
 def test_every_official_manifest_loads(name):
     info = manifest(name)
@@ -174,7 +177,6 @@ def test_mismatches_are_errors_that_name_the_keys():
         load_pretrained(build_pretrain_model("vit_tiny"), {"model": {"conv1.weight": torch.zeros(1)}})
 
 
-@needs_manifests
 def test_mae_st_vit_h_patch14_error_tells_how_to_build_it():
     info = manifest("mae_st_pretrain_vit_h")
     with torch.device("meta"):
@@ -214,7 +216,6 @@ def test_converter_cli(tmp_path, capsys):
     assert "export as slowfast instead" in capsys.readouterr().err
 
 
-@needs_manifests
 @pytest.mark.parametrize("name", ["mae_st_pretrain_vit_b", "slowfast_pt_vit_b"])
 def test_official_pretraining_files_give_the_classifier_their_encoder(name):
     """What fine-tuning from the seed's model-zoo files does: encoder loaded, decoder ignored, head fresh."""
@@ -229,3 +230,16 @@ def test_official_pretraining_files_give_the_classifier_their_encoder(name):
     qkv = torch.cat([state[f"blocks.3.attn.{n}.weight"] for n in "qkv"]) if "mae_st" in name \
         else state["blocks.3.attn.qkv.weight"]
     assert torch.equal(model.blocks[3].attn.qkv.weight, qkv)
+
+
+def test_manifests_are_all_here_and_name_their_source():
+    assert sorted(p.stem for p in MANIFESTS.glob("*.json")) == sorted(ALL)
+    commits = {"facebookresearch/mae_st": "c5dec1bc01062097906ea67fe47935ec33fd46df",
+               "facebookresearch/SlowFast": "287ec0076846560f44a9327e931a5a2360240533"}
+    for name in ALL:
+        info = manifest(name)
+        assert info["commit"] == commits[info["codebase"]], name
+        assert info["kind"] == ("pretrain" if "_pt_" in name or "pretrain" in name else "finetune"), name
+        source = info["factory"] if "mae_st" in name else info["config"]
+        assert source.endswith(("patch16", "patch14", "_PT.yaml", "_FT.yaml")), (name, source)
+        assert len({key for key, _ in info["state_dict"]}) == len(info["state_dict"]), name

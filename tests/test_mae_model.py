@@ -5,7 +5,7 @@ import torch
 
 from models import build_classifier, build_pretrain_model
 from models.attention import attention
-from models.config import SLOWFAST_LAYOUT
+from models.config import SLOWFAST_LAYOUT, MAEConfig, resolve_config, with_options
 
 
 def tiny(**overrides):
@@ -177,3 +177,56 @@ def test_unknown_and_unsupported_options_are_errors():
         build_pretrain_model("vit_tiny", sep_pos_embed=False)
     with pytest.raises(ValueError, match="pred_t_dim"):
         build_pretrain_model("vit_tiny", pred_t_dim=3)
+
+
+# (option, bad value): vit_tiny is 8 frames x 32 px, patch 2 x 8 x 8 (4 temporal token slots), width 64 / 4 heads,
+# decoder width 32 / 4 heads, pred_t_dim 4
+BAD_OPTIONS = [
+    ("depth", -1), ("depth", 0), ("depth", 2.5), ("depth", "3"), ("depth", True),
+    ("embed_dim", 0), ("embed_dim", 66.0),
+    ("num_heads", -4), ("num_heads", 5),  # 5 does not divide 64
+    ("decoder_depth", 0), ("decoder_depth", 1.5),
+    ("decoder_embed_dim", -32), ("decoder_embed_dim", "32"),
+    ("decoder_num_heads", 0), ("decoder_num_heads", 3),  # 3 does not divide 32
+    ("img_size", 0), ("img_size", 30),  # not a multiple of the 8 px patches
+    ("patch_size", -8), ("patch_size", 7),
+    ("num_frames", 0), ("num_frames", 7),  # not a multiple of t_patch_size 2
+    ("t_patch_size", 0), ("t_patch_size", 3),
+    ("in_chans", 0), ("in_chans", 3.0),
+    ("pred_t_dim", 0), ("pred_t_dim", 3), ("pred_t_dim", 16),  # 3: not a multiple of 4 slots; 16 > 8 frames
+    ("mlp_ratio", 0), ("mlp_ratio", -4.0), ("mlp_ratio", "4"), ("mlp_ratio", float("nan")),
+    ("drop_path_rate", 1.0), ("drop_path_rate", -0.1),
+]
+BAD_CLASSIFIER_OPTIONS = [
+    ("num_classes", 0), ("num_classes", 2.0), ("dropout", 1.0), ("dropout", -0.5),
+    ("head_init_scale", 0.0), ("head_init_scale", -1),
+]
+
+
+@pytest.mark.parametrize("option,value", BAD_OPTIONS + BAD_CLASSIFIER_OPTIONS)
+def test_bad_model_options_are_one_clear_error(option, value):
+    build = build_classifier if (option, value) in BAD_CLASSIFIER_OPTIONS else build_pretrain_model
+    with pytest.raises(ValueError, match=rf"^invalid model options: .*\b{option}=") as err:
+        build("vit_tiny", **{option: value})
+    assert "must" in str(err.value) or "choose" in str(err.value)  # says what is allowed
+
+
+def test_all_problems_of_a_config_in_one_message():
+    with pytest.raises(ValueError) as err:
+        build_pretrain_model("vit_tiny", depth=-1, num_heads=5, pred_t_dim=3)
+    assert str(err.value) == (
+        "invalid model options: depth=-1 (must be an integer >= 1); "
+        "num_heads=5 does not divide embed_dim=64 (choose a divisor of 64); "
+        "pred_t_dim=3 must be a multiple of the 4 temporal token slots and at most num_frames=8 (choose one of 4, 8)")
+    cfg = resolve_config(MAEConfig, "vit_tiny")
+    with pytest.raises(ValueError, match=r"decoder_depth=0 \(must be an integer >= 1\)"):
+        with_options(cfg, decoder_depth=0)  # changed copies are checked again
+
+
+def test_valid_edge_options_still_build():
+    # smallest allowed values, ints where floats are expected (as `model.mlp_ratio=2` arrives from the command line)
+    model = build_pretrain_model("vit_tiny", depth=1, num_heads=1, decoder_depth=1, decoder_num_heads=1, mlp_ratio=2,
+                                 drop_path_rate=0, pred_t_dim=8, in_chans=3, t_patch_size=1, num_frames=8)
+    assert model.cfg.grid == (8, 4, 4) and len(model.blocks) == 1
+    clf = build_classifier("vit_tiny", num_classes=1, dropout=0, head_init_scale=1, drop_path_rate=0.99)
+    assert clf(clips(1)).shape == (1, 1)
