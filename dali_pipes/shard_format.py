@@ -3,9 +3,13 @@
 OUT/{split}-{000000}.tar holds, per sample KEY (dataset-unique, no dots):
     KEY.mp4 | .webm | .mkv | .avi | .mov   the video (re-encoded clips are always .mp4)
     KEY.cls    the label as ASCII digits (the webdataset convention)
-    KEY.json   metadata: source path, youtube id, label name, fps, frame count, size, codec, duration
-    KEY.info   int32 little-endian [label, num_frames, fps x 1000, height, width]: fixed-size, so DALI can batch it
-               and pick frames without opening the video
+    KEY.json   metadata: source path, youtube id, label name, fps, frame count, size, codec (canonical name: h264,
+               hevc, av1, vp9, mpeg4, ...), pix_fmt, profile, rotation, duration
+    KEY.info   int32 little-endian [label, num_frames, fps x 1000, height, width, rotation]: fixed-size, so DALI can
+               batch it and pick frames without opening the video
+num_frames counts the frames that decode, from frame 0 = the first decodable one. height x width is the stored frame
+(what a decoder outputs); rotation is the degrees CLOCKWISE (0, 90, 180, 270) that turn it upright for display (a
+phone's portrait clip: stored landscape, rotation 90).
 OUT/{split}-{000000}.idx is its DALI index (wds2idx format) and OUT/manifest.json describes the whole set.
 """
 
@@ -15,9 +19,13 @@ import os
 import numpy as np
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-INFO_FIELDS = ("label", "num_frames", "fps_milli", "height", "width")
+INFO_FIELDS = ("label", "num_frames", "fps_milli", "height", "width", "rotation")
 MANIFEST = "manifest.json"
 CPU_DECODABLE = ("vp8", "vp9", "mjpeg")  # what DALI 2.4's CPU video decoder reads; everything else needs NVDEC
+# Short side (px) above which a clip costs GPU decode time for nothing: NVDEC's work per frame grows with its pixels,
+# and a 224 crop needs ~256-320 px (mae_st / SlowFast pre-resize Kinetics to a 256 short side, VideoMAE to 320).
+# build_shards.py --codec copy warns above it and the manifest counts the clips above it.
+RECOMMENDED_SHORT_SIDE = 320
 
 
 def shard_name(split: str, index: int) -> str:
@@ -28,13 +36,13 @@ def index_name(shard: str) -> str:
     return shard[: -len(".tar")] + ".idx"
 
 
-def pack_info(label: int, num_frames: int, fps: float, height: int, width: int) -> bytes:
-    return np.array([label, num_frames, round(fps * 1000), height, width], dtype="<i4").tobytes()
+def pack_info(label: int, num_frames: int, fps: float, height: int, width: int, rotation: int = 0) -> bytes:
+    return np.array([label, num_frames, round(fps * 1000), height, width, rotation], dtype="<i4").tobytes()
 
 
 def unpack_info(raw) -> dict:
-    values = np.frombuffer(bytes(raw), dtype="<i4")
-    return dict(zip(INFO_FIELDS, values.tolist()))
+    values = np.frombuffer(bytes(raw), dtype="<i4").tolist()
+    return dict(zip(INFO_FIELDS, values + [0] * (len(INFO_FIELDS) - len(values))))  # 5-field .info: rotation 0
 
 
 def read_manifest(shards_dir: str) -> dict:

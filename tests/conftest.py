@@ -39,24 +39,49 @@ def read_index(frame: np.ndarray, source_width: int = 64) -> int:
     return index
 
 
+ENCODER_OPTIONS = {"libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "0"},
+                   "libsvtav1": {"preset": "12"}, "libx265": {"x265-params": "log-level=none"}}
+
+
 def write_video(path, frames=40, codec="libx264", width=64, height=48, fps=30, seed=0, audio=False,
-                texture="noise", indexed=True):
-    """A clip from indexed_frames; codec libx264 | libvpx-vp9 | mjpeg; audio adds an AAC track."""
+                texture="noise", indexed=True, gop=8, pix_fmt=None, rotation=0):
+    """A clip from indexed_frames in the container its extension names; codec libx264 | libvpx-vp9 | mjpeg |
+    libsvtav1 (AV1) | libx265 (HEVC) | mpeg4 (MPEG-4 part 2); audio adds an AAC track. rotation (0, 90, 180, 270)
+    flags it as a phone does: the degrees clockwise that turn the stored frames upright (a portrait phone clip: 90)."""
     video = indexed_frames(frames, width, height, seed, texture, indexed)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        if codec == "libvpx-vp9":
-            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "0"}
+        stream.pix_fmt = pix_fmt or ("yuvj420p" if codec == "mjpeg" else "yuv420p")
+        stream.options = dict(ENCODER_OPTIONS.get(codec, {}))
         if codec != "mjpeg":
-            stream.codec_context.gop_size = 8
+            stream.codec_context.gop_size = gop
+        if rotation:
+            stream.set_display_rotation(-rotation)  # PyAV takes (and VideoFrame.rotation reads) counter-clockwise
         sound = out.add_stream("aac", rate=16000) if audio else None
         for frame in video:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode(None))
         if sound:
             out.mux(sound.encode(None))
+    return str(path)
+
+
+def write_cut_clip(path, frames=30, gop=5, codec="libvpx-vp9"):
+    """A clip cut out of a longer one without re-encoding: the packet of its first keyframe is missing, so frames
+    1 .. gop-1 reference a frame it does not hold. With libvpx-vp9 (no B-frames) they are the packets before the next
+    keyframe; with libx265 (an open GOP) they follow that keyframe in decode order but are displayed before it.
+    The container is the one the extension names: mp4, mov, mkv or webm."""
+    whole = os.path.join(os.path.dirname(str(path)), "whole.mp4")  # mp4 gives every packet its decode time
+    write_video(whole, frames, codec=codec, gop=gop)
+    with av.open(whole) as source, av.open(str(path), "w") as out:
+        stream = source.streams.video[0]
+        copy = out.add_stream_from_template(stream, opaque=True)  # the decoder's codec (libdav1d for AV1)
+        for number, packet in enumerate(p for p in source.demux(stream) if p.size):
+            if number:
+                packet.stream = copy
+                out.mux(packet)
+    os.remove(whole)
     return str(path)
 
 
@@ -103,3 +128,13 @@ def make_shards(root, n=12, codec="vp9", frames=80, split="train", **video):
     assert build_shards.main(["--root", str(root / "videos"), "--out", str(out), "--split", split, "--codec", "copy",
                               "--max-per-shard", "5", "--min-frames", "2", "--workers", "1"]) == 0
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The README's demo data set (tools/make_demo_data.py), built once per test session: its shards folder."""
+    from tools import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    assert make_demo_data.main(["--out", str(out), "--workers", "2"]) == 0
+    return str(out / "shards")

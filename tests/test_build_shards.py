@@ -1,4 +1,5 @@
-"""tools/build_shards.py: the three input formats, the codec paths, skip reasons, kill-and-rerun, three readers."""
+"""tools/build_shards.py: the three input formats, the codec paths, skip reasons, kill-and-rerun, one run per
+folder, three readers."""
 
 import csv
 import json
@@ -19,6 +20,7 @@ from dali_pipes.shard_format import read_manifest, unpack_info
 from tools import build_shards
 from tools.build_shards import prepare_all
 from tools.clip_prep import PrepOptions, SkipClip, prepare_clip
+from tools.shard_writer import lock_output
 from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +130,8 @@ def test_every_skip_reason(tmp_path, bad_videos, capsys):
         os.rename(path, root / os.path.basename(path))
     write_video(root / "fine.mp4", frames=40)
     out = tmp_path / "out"
-    assert build_shards.main(["--root", str(tmp_path / "root"), "--out", str(out), "--workers", "2"]) == 0
+    assert build_shards.main(["--root", str(tmp_path / "root"), "--out", str(out), "--workers", "2",
+                              "--min-frames", "3"]) == 0
     skipped = {os.path.basename(s["source"]): s["reason"] for s in read_manifest(str(out))["skipped"]}
     assert skipped == {os.path.basename(p): reason for reason, p in bad_videos.items()}
     assert read_manifest(str(out))["splits"]["train"]["samples"] == 1
@@ -182,20 +185,53 @@ def test_three_readers(tmp_path):
     assert [read_index(f) for f in np.array(frames.as_tensor())[0]] == [0, 2, 4, 6]
 
 
+def running(cmd) -> list[int]:
+    """PIDs of the live processes whose command line is `cmd`: a run and the workers it forked."""
+    wanted = ("\0".join(cmd) + "\0").encode()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/status") as g:
+                if f.read() == wanted and "\nState:\tZ" not in g.read():  # a zombie is dead, awaiting its reaping
+                    pids.append(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return pids
+
+
+def sigterm_ignored_or_blocked(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    return bool((int(status["SigIgn"], 16) | int(status["SigBlk"], 16)) & 1 << (signal.SIGTERM - 1))
+
+
+def ignore_sigterm():
+    """What a launcher may hand on: an ignored or blocked signal stays so through fork and exec."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_and_rerun_finishes_without_duplicates(tmp_path):
     csv_path, videos = kinetics_folder(tmp_path, per_class=4, frames=60)
     out = tmp_path / "shards"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), "--csv", str(csv_path), "--videos",
            str(videos), "--out", str(out), "--codec", "vp9", "--max-per-shard", "1", "--workers", "1",
            "--split", "train"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=ignore_sigterm)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:
         time.sleep(0.02)
+    workers = {pid: sigterm_ignored_or_blocked(pid) for pid in running(cmd) if pid != proc.pid}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = len(list(out.glob("train-*.tar")))
     assert 2 <= committed < 9, "the kill should land mid-run"
+    assert workers and not any(workers.values()), "the workers must take SIGTERM's default action"
+    deadline = time.time() + 5
+    while running(cmd) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running(cmd), "a worker outlived the killed run"
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     keys = shard_keys(out)
     assert len(keys) == len(set(keys)) == 9  # 3 classes x 3 train clips, each once
@@ -207,6 +243,19 @@ def test_kill_and_rerun_finishes_without_duplicates(tmp_path):
     before = sorted(os.listdir(out))
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     assert sorted(os.listdir(out)) == before and len(shard_keys(out)) == 9
+
+
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    (tmp_path / "root" / "c").mkdir(parents=True)
+    write_video(tmp_path / "root" / "c" / "a.mp4", frames=10)
+    out = tmp_path / "out"
+    args = ["--root", str(tmp_path / "root"), "--out", str(out), "--workers", "1"]
+    (out / ".state").mkdir(parents=True)
+    with lock_output(str(out)):  # a run in progress (flock: another open of the file conflicts, even in-process)
+        with pytest.raises(SystemExit, match=rf"being written by another build_shards.py run \(PID {os.getpid()}\)"):
+            build_shards.main(args)
+        assert os.listdir(out / ".state") == ["lock"]  # refused before touching the folder
+    assert build_shards.main(args) == 0
 
 
 def test_resume_refuses_other_options(tmp_path):

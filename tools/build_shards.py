@@ -6,28 +6,34 @@
 
 Every clip is probed and test-decoded; bad ones are skipped with the reason recorded in OUT/manifest.json.
 Killed at any point (even SIGKILL), the same command run again finishes the job: committed shards are kept, the
-rest is redone, nothing is written twice.
+rest is redone, nothing is written twice. Its worker processes die with it, and a second run into the same --out
+refuses to start while one is running.
 """
 
 import argparse
 import concurrent.futures as cf
+import ctypes
 import json
 import os
 import random
+import signal
+import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from dali_pipes.shard_format import MANIFEST, pack_info
+from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info
 from tools.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
 from tools.atomic_files import atomic_write_text
-from tools.shard_writer import STATE_DIR, ShardWriter, recover
+from tools.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
 from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
 
-TOOL_VERSION = "1.0"
+TOOL_VERSION = "1.1"  # 1.1: true frame counts, canonical codec names, rotation, pix_fmt: a rerun must not mix in 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>; man 2 prctl: the signal a process gets when the thread that forked it dies
 # options that change what the shards hold: a rerun into the same --out must use the same ones
 CONTENT_OPTIONS = ("codec", "short_side", "gop", "min_frames", "verify", "shard_size", "max_per_shard", "seed")
 
@@ -56,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "reads only vp9/vp8/mjpeg (default: copy)")
     p.add_argument("--short-side", type=int, default=256, help="re-encode: resize the short side to this (0: keep)")
     p.add_argument("--gop", type=int, default=16, help="re-encode: keyframe interval in frames (default: 16)")
-    p.add_argument("--min-frames", type=int, default=16, help="skip clips with fewer frames (default: 16)")
+    p.add_argument("--min-frames", type=int, default=1,
+                   help="skip clips with fewer decodable frames (default: 1, every clip that decodes: the loader "
+                        "repeats a short clip's last frame, as mae_st and SlowFast do)")
     p.add_argument("--verify", choices=("fast", "full"), default="fast",
                    help="copy: test-decode the first and last group of pictures (fast) or every frame (full)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="bytes per shard (default: 1GB)")
@@ -97,7 +105,7 @@ def load_sources(args):
 
 
 def check_output(args) -> None:
-    """Create OUT, refuse to mix shards built with other options into it."""
+    """Create OUT, or say why it cannot be written."""
     state = os.path.join(args.out, STATE_DIR)
     try:
         os.makedirs(state, exist_ok=True)
@@ -106,8 +114,12 @@ def check_output(args) -> None:
         os.remove(probe)
     except OSError as err:
         sys.exit(f"error: cannot write to --out {args.out}: {err}")
-    options = {k: getattr(args, k) for k in CONTENT_OPTIONS}
-    path = os.path.join(state, "options.json")
+
+
+def check_options(args) -> None:
+    """Refuse to mix shards built with other options, or by another version of this tool, into OUT."""
+    options = {"version": TOOL_VERSION, **{k: getattr(args, k) for k in CONTENT_OPTIONS}}
+    path = os.path.join(args.out, STATE_DIR, "options.json")
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
@@ -130,13 +142,39 @@ def _prepare(job):
         return key, ("corrupt", f"{type(err).__name__}: {err}")
 
 
+def _worker_init(parent: int) -> None:
+    """Pool initializer: the worker takes SIGTERM's default action and dies with the build. Ignored and blocked
+    signals pass through fork and exec, so a launcher that ignores SIGTERM would hand that on; and an orphaned worker
+    blocks for good writing its result into a pipe whose read end it holds too (by fork: no EPIPE), keeping the
+    build's lock on OUT."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if sys.platform == "linux":
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the build died before prctl ran: no signal will come
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    return cf.ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(os.getpid(),))
+
+
 def prepare_all(jobs, workers: int, prepare=_prepare):
     """Yield prepare(job) in order, `workers` processes at a time. A worker that dies (a decoder crash) takes only
     its own clip with it: the pool is rebuilt, the clip retried alone, and skipped as 'crashed' if it dies again."""
     jobs, position = list(jobs), 0
     while position < len(jobs):
         broken = False
-        with cf.ProcessPoolExecutor(workers) as pool:
+        with _pool(workers) as pool:
             window = {}
             try:
                 while position < len(jobs):
@@ -149,7 +187,7 @@ def prepare_all(jobs, workers: int, prepare=_prepare):
                 broken = True
         if not broken:
             return
-        with cf.ProcessPoolExecutor(1) as alone:
+        with _pool(1) as alone:
             try:
                 yield alone.submit(prepare, jobs[position]).result()
             except BrokenProcessPool:
@@ -182,13 +220,17 @@ def build_split(args, split, sources, label_map, options):
                 skipped.append(record)
             else:
                 label = label_map.get(source.label, -1)
+                frame = {"height": result.height, "width": result.width, "pix_fmt": result.pix_fmt,
+                         "rotation": result.rotation}
                 meta = {"source": source.path, "youtube_id": source.youtube_id, "label": label,
                         "label_name": source.label, "split": split, "fps": result.fps,
-                        "num_frames": result.num_frames, "height": result.height, "width": result.width,
-                        "codec": result.codec, "duration": round(result.duration, 3)}
+                        "num_frames": result.num_frames, **frame, "codec": result.codec, "profile": result.profile,
+                        "duration": round(result.duration, 3)}
+                info = pack_info(label, result.num_frames, result.fps, result.height, result.width, result.rotation)
                 files = {result.ext: result.data, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
-                         "info": pack_info(label, result.num_frames, result.fps, result.height, result.width)}
-                writer.write(key, files, {"codec": result.codec, "num_frames": result.num_frames, "label": label})
+                         "info": info}
+                writer.write(key, files, {"codec": result.codec, "num_frames": result.num_frames, "label": label,
+                                          **frame})
             bar.update()
             bar.set_postfix(skipped=len(skipped), refresh=False)
     writer.close()
@@ -208,6 +250,21 @@ def _read_jsonl(path: str) -> list[dict]:
     return records
 
 
+def frame_summary(samples: list[dict]) -> dict:
+    """What the GPU preflight reads of a split: the decoder's formats, the rotations, and the frame sizes (decode
+    cost grows with pixels)."""
+    if not samples:
+        return {"formats": {}, "rotations": {}, "short_side": {}, "pixels_median": 0}
+    sides = sorted(min(s["height"], s["width"]) for s in samples)
+    return {
+        "formats": dict(Counter(f"{s['codec']}/{s['pix_fmt']}" for s in samples)),
+        "rotations": dict(Counter(str(s["rotation"]) for s in samples)),
+        "short_side": {"min": sides[0], "median": int(statistics.median(sides)), "max": sides[-1],
+                       f"above_{RECOMMENDED_SHORT_SIDE}": sum(side > RECOMMENDED_SHORT_SIDE for side in sides)},
+        "pixels_median": int(statistics.median(s["height"] * s["width"] for s in samples)),
+    }
+
+
 def write_manifest(args, label_map, results) -> dict:
     manifest = {
         "tool": "tools/build_shards.py", "version": TOOL_VERSION,
@@ -218,13 +275,24 @@ def write_manifest(args, label_map, results) -> dict:
         samples = [s for shard in shards for s in shard["samples"]]
         manifest["splits"][split] = {
             "samples": len(samples), "bytes": sum(s["bytes"] for s in shards),
-            "codecs": dict(Counter(s["codec"] for s in samples)),
+            "codecs": dict(Counter(s["codec"] for s in samples)), **frame_summary(samples),
             "shards": [{"tar": s["tar"], "index": s["index"], "samples": len(s["samples"]), "bytes": s["bytes"]}
                        for s in shards],
         }
         manifest["skipped"] += skipped
     atomic_write_text(os.path.join(args.out, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
+
+
+def warn_large_copies(results) -> None:
+    """--codec copy kept frames larger than GPU training needs: say so once, and what to do."""
+    large = [s for shards, _ in results.values() for shard in shards for s in shard["samples"]
+             if min(s["height"], s["width"]) > RECOMMENDED_SHORT_SIDE]
+    if large:
+        print(f"warning: --codec copy kept {len(large)} clips whose short side is above {RECOMMENDED_SHORT_SIDE} px "
+              f"(e.g. {large[0]['key']}, {large[0]['width']}x{large[0]['height']}): NVDEC's decode time grows with "
+              "pixels that a 224 crop does not need. For GPU training re-encode them: --codec h264 --short-side 256 "
+              "(or 320)", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -237,6 +305,17 @@ def main(argv=None) -> int:
     if not by_split:
         sys.exit("error: no clips to shard (check --split against the csv's split column)")
     check_output(args)
+    try:
+        lock = lock_output(args.out)
+    except OutputLocked as err:
+        sys.exit(f"error: {err}")
+    with lock:
+        return build(args, by_split, label_map, start)
+
+
+def build(args, by_split, label_map, start: float) -> int:
+    """The build proper, run while holding OUT's lock; the exit status."""
+    check_options(args)
     options = PrepOptions(args.codec, args.short_side, args.gop, args.min_frames, args.verify)
     results = {}
     for split, sources in sorted(by_split.items()):
@@ -254,6 +333,8 @@ def main(argv=None) -> int:
     if reasons:
         detail = ", ".join(f"{SKIP_REASONS.get(r, r)} ({r}) {n}" for r, n in reasons.most_common())
         print(f"skipped {sum(reasons.values())}: {detail}; every one is listed in {args.out}/{MANIFEST}")
+    if args.codec == "copy":
+        warn_large_copies(results)
     if not written:
         print("error: nothing was written: every clip was skipped", file=sys.stderr)
         return 1

@@ -1,18 +1,26 @@
 """One clip -> the bytes and facts a shard sample needs, or the reason it cannot be used.
 
-Every clip is probed and test-decoded with PyAV before it is packed. `copy` keeps the source bytes after
-demuxing every packet (a truncated file has fewer than its container declares) and decoding the first and the last
-keyframe (`--verify fast`), or every frame (`--verify full`). Demuxing reads the whole file, so
-copy stays close to the speed of reading it. The other codecs decode every frame anyway:
-they resize to a short side and re-encode with a short keyframe interval so that a 16 x 4 clip can be decoded
-without decoding the whole video.
+Every clip is probed and test-decoded with PyAV before it is packed, and the facts recorded are those of the stored
+bytes as a decoder sees them (dali_pipes/shard_format.py). `copy` keeps the source bytes after demuxing every packet
+(a truncated file has fewer than its container declares) and decoding the first and the last keyframe
+(`--verify fast`), or every frame (`--verify full`). Demuxing reads the whole file, so copy stays close to the speed
+of reading it. The other codecs decode every frame anyway: they turn rotated clips upright, resize to a short side
+and re-encode with a short keyframe interval so that a 16 x 4 clip can be decoded without decoding the whole video.
+
+Packets before the first keyframe (in decode order), and an open GOP's leading pictures after it that are displayed
+before it, reference frames the file does not hold: a clip cut out of a longer video without re-encoding. No decoder
+can produce them, and each fails its own way (DALI's CPU decoder and PyAV's VP9 stop with an error, PyAV's H.264 and
+HEVC skip them so that frame numbers shift), so both modes drop them: copy remuxes the rest without re-encoding, and
+frame 0 is the first frame that every decoder produces.
 """
 
 import io
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import numpy as np
 
 # stable codes for the manifest and the summary
 SKIP_REASONS = {
@@ -22,8 +30,8 @@ SKIP_REASONS = {
     "no_video_stream": "no video stream (audio-only?)",
     "unsupported_codec": "no decoder for its codec",
     "corrupt": "demuxing or decoding failed",
-    "truncated": "fewer frames than the container declares",
-    "too_short": "fewer frames than --min-frames",
+    "truncated": "the file is cut short (fewer packets than its container declares)",
+    "too_short": "fewer decodable frames than --min-frames",
     "encode_failed": "re-encoding failed",
     "crashed": "the decoder process died on it",
 }
@@ -37,6 +45,7 @@ CODECS = ("copy", *ENCODERS)
 
 # first bytes of the containers we accept: a file that starts like one but fails to open is corrupt, not a non-video
 _MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (4, b"moov"), (4, b"mdat"), (4, b"free"))
+MUXERS = {"mp4": "mp4", "mov": "mov", "webm": "webm", "mkv": "matroska", "avi": "avi"}  # shard extension -> muxer
 
 
 class SkipClip(Exception):
@@ -50,7 +59,7 @@ class PrepOptions:
     codec: str = "copy"
     short_side: int = 256  # 0 keeps the source size
     gop: int = 16  # keyframe interval of re-encoded clips, in frames
-    min_frames: int = 16
+    min_frames: int = 1  # the loader repeats a short clip's last frame, as mae_st / SlowFast do
     verify: str = "fast"  # copy mode: fast | full
 
 
@@ -58,11 +67,14 @@ class PrepOptions:
 class Clip:
     data: bytes
     ext: str
-    codec: str
-    num_frames: int
+    num_frames: int  # frames that decode
     fps: float
-    height: int
+    rotation: int  # degrees clockwise that turn a stored frame upright
+    codec: str  # the codec's canonical name (av1), not its FFmpeg decoder's (libdav1d)
+    height: int  # of the stored frame, as decoded
     width: int
+    pix_fmt: str | None
+    profile: str | None
 
     @property
     def duration(self) -> float:
@@ -84,6 +96,27 @@ def _mp4_cut_short(data: bytes) -> bool:
     return pos > len(data)
 
 
+def _ebml_doctype(data: bytes) -> bytes:
+    """The DocType of a Matroska file's EBML header: b"webm" or b"matroska" (RFC 8794: element 0x4282 in the header
+    element 0x1A45DFA3; IDs and sizes are variable-length integers whose leading zero bits give their length)."""
+    def vint(pos):  # (value without its length marker, position after it)
+        width = 9 - data[pos].bit_length()
+        return int.from_bytes(bytes([data[pos] & (0xFF >> width)]) + data[pos + 1:pos + width], "big"), pos + width
+
+    try:
+        size, pos = vint(4)
+        end = pos + size
+        while pos < end:
+            element = data[pos:pos + 9 - data[pos].bit_length()]
+            size, start = vint(pos + len(element))
+            if element == b"\x42\x82":
+                return data[start:start + size]
+            pos = start + size
+    except IndexError:  # a header cut short
+        pass
+    return b""
+
+
 def _open(data: bytes):
     try:
         container = av.open(io.BytesIO(data))
@@ -103,13 +136,17 @@ def _open(data: bytes):
     return container, stream
 
 
-def _container_ext(container) -> str:
-    """The shard extension of a container family (DALI's reader matches outputs by extension)."""
+def _container_ext(container, data: bytes) -> str:
+    """The shard extension that names the container truly (DALI's reader matches outputs by extension): FFmpeg has
+    one demuxer for mp4 and QuickTime (ftyp major brand "qt  ") and one for Matroska and its WebM subset."""
     names = container.format.name.split(",")
-    for family, ext in (("mp4", "mp4"), ("webm", "webm"), ("matroska", "mkv"), ("avi", "avi")):
-        if family in names:
-            return ext
-    raise SkipClip("not_a_video", f"container {container.format.name!r} is not one of mp4/mov, webm, mkv, avi")
+    if "mp4" in names:
+        return "mov" if data[4:12] == b"ftypqt  " else "mp4"
+    if "matroska" in names:
+        return "webm" if _ebml_doctype(data) == b"webm" else "mkv"
+    if "avi" in names:
+        return "avi"
+    raise SkipClip("not_a_video", f"container {container.format.name!r} is not one of mp4/mov, webm/mkv, avi")
 
 
 def _fps(stream) -> Fraction:
@@ -119,33 +156,87 @@ def _fps(stream) -> Fraction:
     return Fraction(rate).limit_denominator(1001)
 
 
-def _check_length(decoded: int, declared: int, min_frames: int) -> None:
-    if declared and decoded < declared - max(1, declared // 100):  # containers may over-declare by an edit-list frame
-        raise SkipClip("truncated", f"{decoded} of {declared} frames")
-    if decoded < min_frames:
-        raise SkipClip("too_short", f"{decoded} frames")
+def _stream_facts(stream) -> dict:
+    ctx = stream.codec_context
+    return {"codec": ctx.codec.canonical_name, "height": ctx.height, "width": ctx.width, "pix_fmt": ctx.pix_fmt,
+            "profile": stream.profile}
 
 
-def _verify_copy(data: bytes, options: PrepOptions) -> Clip:
+def _rotation(frame) -> int:
+    """Degrees clockwise that turn a decoded frame upright. PyAV's VideoFrame.rotation is FFmpeg's display-matrix
+    angle, counter-clockwise: a phone's portrait clip reads -90, and FFmpeg's player turns it 90 degrees clockwise."""
+    return round(-frame.rotation / 90) % 4 * 90
+
+
+def _decodable_packets(container, stream) -> tuple[list, int]:
+    """The video packets (decode order) from the first keyframe on, less those displayed before it (an open GOP's
+    leading pictures, which reference the group before it), and how many were left out."""
+    try:
+        packets = [p for p in container.demux(stream) if p.size]
+    except av.error.FFmpegError as err:
+        raise SkipClip("corrupt", str(err)) from None
+    declared = stream.frames
+    if declared and len(packets) < declared - max(1, declared // 100):  # containers may over-declare by a frame
+        raise SkipClip("truncated", f"{len(packets)} of {declared} frames")
+    lead = next((i for i, p in enumerate(packets) if p.is_keyframe), 0)
+    key = packets[lead].pts if packets else None
+    kept = [p for p in packets[lead:] if key is None or p.pts is None or p.pts >= key]
+    return kept, len(packets) - len(kept)
+
+
+def _decode(ctx, packets):
+    """The frames of `packets`, then those the decoder still holds."""
+    for packet in [*packets, None]:
+        yield from ctx.decode(packet)
+
+
+def _check_min_frames(count: int, min_frames: int) -> None:
+    if count < min_frames:
+        raise SkipClip("too_short", f"{count} frames")
+
+
+def _remux(stream, packets, muxer: str) -> bytes:
+    """`packets` in a file of their own, not re-encoded: the first frame shown at 0, and decode times evenly spaced
+    again (packets left out leave gaps in them, which an mp4 muxer turns into long frames and a wrong frame rate)."""
+    if any(p.pts is None for p in packets):
+        raise SkipClip("corrupt", "packets without a presentation time in a clip to remux")
+    shown = sorted(p.pts for p in packets)
+    delay = max(at - p.pts for at, p in zip(shown, packets))  # no frame decoded after it is shown
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=muxer) as output:
+        out = output.add_stream_from_template(stream, opaque=True)  # the decoder's codec: no encoder needed
+        for packet, at in zip(packets, shown):
+            packet.pts, packet.dts = packet.pts - shown[0], at - delay - shown[0]
+            packet.stream = out
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+def _copy(data: bytes, options: PrepOptions) -> Clip:
     container, stream = _open(data)
     with container:
-        ext, fps, declared, ctx = _container_ext(container), _fps(stream), stream.frames, stream.codec_context
+        ext, fps = _container_ext(container, data), _fps(stream)
+        packets, left_out = _decodable_packets(container, stream)
+        if options.verify == "full":
+            test = packets
+        else:  # the first and the last keyframe decode on their own: bad headers and broken ends, cheaply
+            keys = [p for p in packets if p.is_keyframe] or packets[:1]
+            test = keys[:1] + keys[-1:] if len(keys) > 1 else keys
         try:
-            packets = [p for p in container.demux(stream) if p.size]
-            _check_length(len(packets), declared, options.min_frames)
-            if options.verify == "full":
-                test = packets
-            else:  # the first and the last keyframe decode on their own: bad headers and broken ends, cheaply
-                keys = [p for p in packets if p.is_keyframe] or packets[:1]
-                test = keys[:1] + keys[-1:] if len(keys) > 1 else keys
-            decoded = sum(len(ctx.decode(p)) for p in test) + len(ctx.decode(None))
+            frames = _decode(stream.codec_context, test)
+            first = next(frames, None)
+            decoded = (first is not None) + sum(1 for _ in frames)
+            if left_out:
+                data = _remux(stream, packets, MUXERS[ext])
         except av.error.DecoderNotFoundError as err:
             raise SkipClip("unsupported_codec", str(err)) from None
         except av.error.FFmpegError as err:
             raise SkipClip("corrupt", str(err)) from None
         if decoded < len(test) - 1:  # a decoder may drop one frame at a cut
             raise SkipClip("corrupt", f"decoded {decoded} of {len(test)} test frames")
-        return Clip(data, ext, ctx.name, len(packets), float(fps), ctx.height, ctx.width)
+        _check_min_frames(len(packets), options.min_frames)
+        rotation = _rotation(first) if first else 0
+        return Clip(data, ext, len(packets), float(fps), rotation, **_stream_facts(stream))
 
 
 def _resized(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -155,36 +246,51 @@ def _resized(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def _upright(frame, rotation: int):
+    """The frame turned `rotation` degrees clockwise (np.rot90 turns counter-clockwise); rotated clips are rare."""
+    pixels = np.rot90(frame.to_ndarray(format="rgb24"), -rotation // 90)
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+
+
 def _reencode(data: bytes, options: PrepOptions) -> Clip:
     container, stream = _open(data)
     encoder, pix_fmt, encoder_options = ENCODERS[options.codec]
     with container:
-        fps, declared = _fps(stream), stream.frames
-        width, height = _resized(stream.codec_context.width, stream.codec_context.height, options.short_side)
-        buffer = io.BytesIO()
-        with av.open(buffer, "w", format="mp4") as output:
-            out = output.add_stream(encoder, rate=fps)
-            out.width, out.height, out.pix_fmt = width, height, pix_fmt
-            out.codec_context.gop_size = options.gop
-            out.codec_context.thread_count = 1
-            out.options = dict(encoder_options)
-            count = 0
-            try:
-                for frame in container.decode(stream):
+        fps = _fps(stream)
+        frames = _decode(stream.codec_context, _decodable_packets(container, stream)[0])
+        count = 0
+        try:
+            first = next(frames, None)
+            if first is None:
+                raise SkipClip("corrupt", "no frame decodes")
+            rotation = _rotation(first)
+            size = (first.height, first.width) if rotation % 180 else (first.width, first.height)
+            width, height = _resized(*size, options.short_side)
+            buffer = io.BytesIO()
+            with av.open(buffer, "w", format="mp4") as output:
+                out = output.add_stream(encoder, rate=fps)
+                out.width, out.height, out.pix_fmt = width, height, pix_fmt
+                out.codec_context.gop_size = options.gop
+                out.codec_context.thread_count = 1
+                out.options = dict(encoder_options)
+                for frame in itertools.chain([first], frames):
+                    if rotation:
+                        frame = _upright(frame, rotation)
                     frame = frame.reformat(width=width, height=height, format=pix_fmt)
                     frame.pts, frame.time_base = count, 1 / fps
                     output.mux(out.encode(frame))
                     count += 1
-            except av.error.DecoderNotFoundError as err:
-                raise SkipClip("unsupported_codec", str(err)) from None
-            except av.error.FFmpegError as err:
-                raise SkipClip("corrupt", f"after {count} frames: {err}") from None
-            _check_length(count, declared, options.min_frames)
-            try:
-                output.mux(out.encode(None))
-            except av.error.FFmpegError as err:
-                raise SkipClip("encode_failed", str(err)) from None
-    return Clip(buffer.getvalue(), "mp4", options.codec, count, float(fps), height, width)
+                _check_min_frames(count, options.min_frames)
+                try:
+                    output.mux(out.encode(None))
+                except av.error.FFmpegError as err:
+                    raise SkipClip("encode_failed", str(err)) from None
+        except av.error.DecoderNotFoundError as err:
+            raise SkipClip("unsupported_codec", str(err)) from None
+        except av.error.FFmpegError as err:
+            raise SkipClip("corrupt", f"after {count} frames: {err}") from None
+    with av.open(io.BytesIO(buffer.getvalue())) as stored:  # its profile is known once encoded
+        return Clip(buffer.getvalue(), "mp4", count, float(fps), 0, **_stream_facts(stored.streams.video[0]))
 
 
 def prepare_clip(path: str | None, options: PrepOptions) -> Clip:
@@ -199,5 +305,5 @@ def prepare_clip(path: str | None, options: PrepOptions) -> Clip:
     if not data:
         raise SkipClip("empty")
     if options.codec == "copy":
-        return _verify_copy(data, options)
+        return _copy(data, options)
     return _reencode(data, options)

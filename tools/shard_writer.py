@@ -3,8 +3,11 @@
 A shard is written to OUT/.state/NAME.partial, then its DALI index and a sidecar listing its samples are written,
 and only then is it renamed to OUT/NAME: the rename is the commit. On a restart, `recover` deletes whatever
 belongs to no committed shard and returns the committed shards' samples, so the build carries on where it stopped.
+One build at a time writes to a folder (`lock_output`): two would number their shards alike and delete each other's
+partial files.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -16,6 +19,30 @@ from dali_pipes.shard_format import index_name, shard_name
 from tools.atomic_files import atomic_write_text
 
 STATE_DIR = ".state"
+LOCK = "lock"
+
+
+class OutputLocked(Exception):
+    pass
+
+
+def lock_output(out_dir: str):
+    """OUT/.state/lock, open and flock-ed, holding this process's PID: keep it open for the whole build. The kernel
+    drops a flock when the last descriptor of it closes, so a killed build (SIGKILL included) leaves no stale lock;
+    processes forked while it is held share it, and must not outlive the build."""
+    lock = open(os.path.join(out_dir, STATE_DIR, LOCK), "a+")  # "a+": the holder's PID stays readable
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise OutputLocked(f"{out_dir} is being written by another build_shards.py run (PID {holder}): wait for it "
+                           "to finish, or use another --out") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def recover(out_dir: str, split: str) -> list[dict]:
