@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
+from dali_pipes.dali_errors import NVDEC_HELP, first_meaningful_line, nvdec_missing
 from dali_pipes.decoder_choice import choose_decoder, gpu_available
 from dali_pipes.pyav_decoder import UndecodableVideo, decode_frames
 from dali_pipes.reader import ShardReader
@@ -57,11 +58,14 @@ class Feed:
         fed = {"data": [self.data[i] for i in picks]}
         if not self.decoded:
             fed["frames"] = [p.frames for p in plans]
+        fed["rotate"] = [np.array(p.rotation != 0) for p in plans]
+        fed["angle"] = [np.array(-p.rotation, np.float32) for p in plans]  # DALI turns counter-clockwise
         for v in range(len(plans[0].boxes)):
             if not shared_frames:
                 fed[f"order{v}"] = [p.orders[v] for p in plans]
             fed[f"roi_start{v}"] = [p.boxes[v][:2] for p in plans]
             fed[f"roi_end{v}"] = [p.boxes[v][2:] for p in plans]
+            fed[f"antialias{v}"] = [np.array(p.antialias[v]) for p in plans]
             fed[f"flip{v}"] = [np.array(p.flips[v], np.int32) for p in plans]
         return fed
 
@@ -82,10 +86,12 @@ class VideoLoader:
                  eval_clips: int = 7, eval_crops: int = 3, rank: int = 0, world_size: int = 1, seed: int = 0,
                  decoder: str = "auto", device="cpu", dtype=torch.float32, num_threads: int | None = None,
                  prefetch: int = 2, shuffle: bool = True, shuffle_buffer: int = 1024,
-                 rand_augment: tuple[int, int] | None = None, decode_pipelines: int | None = None):
+                 rand_augment: tuple[int, int] | None = None, decode_pipelines: int | None = None,
+                 skip_damaged_shards: bool = False, dont_use_mmap: bool = False):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-        self.shards = open_shard_set(shards_dir, split)
+        self.shards = open_shard_set(shards_dir, split, skip_damaged_shards)
+        self.dont_use_mmap = dont_use_mmap
         smallest = min(self.shards.rank_sizes(world_size))
         if batch_size > smallest:
             raise ValueError(f"batch_size {batch_size} is larger than the {smallest} samples each of {world_size} "
@@ -99,6 +105,10 @@ class VideoLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.dtype, self.shuffle, self.shuffle_buffer = dtype, shuffle and not evaluation, shuffle_buffer
         self.num_threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+        if self.shuffle:
+            clip_mb = self.shards.num_bytes / max(1, self.shards.num_samples) / 1e6
+            log.info("shuffle buffer: %d clips x %.2f MB = %.2f GB of host memory in this process (shuffle_buffer)",
+                     shuffle_buffer, clip_mb, shuffle_buffer * clip_mb / 1e3)
         self.pipe_options = dict(
             batch_size=batch_size, repeats=self.views_per_clip, decoder=self.decoder, crop_size=spec.crop_size,
             device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
@@ -114,6 +124,7 @@ class VideoLoader:
                       for _ in range(self.decode_pipelines)]
         self.prefetch, self._side_pipe = prefetch, None
         self.skipped = 0  # undecodable clips replaced so far
+        self._decoded_any = False  # a batch came through (so a batch that fails whole is not a missing NVDEC)
         self.epoch, self.position = 0, 0  # of the next batch to yield
         self._reader_state, self._reader_epochs, self._reader_start, self._thread = None, 0, 0, None
         self._pending = deque()  # (pipeline index, feed) scheduled and not yet collected, oldest first
@@ -172,6 +183,7 @@ class VideoLoader:
                 batch = self._repair(feed, err)
             finally:
                 pipe.release_outputs()
+            self._decoded_any = True
             self._schedule_next(index)  # the next batch decodes while the caller trains on this one
             self.position += 1
             self._reader_state = feed.reader_state
@@ -209,7 +221,8 @@ class VideoLoader:
         # decoding ones gave 125 clips/s against 113 with 2 + 2)
         reader = ShardReader(self.shards, self.batch_size, self.rank, self.world_size,
                              (self.seed * 7919 + self._reader_start) % 2**31, self.shuffle, self.shuffle_buffer,
-                             max(1, self.num_threads // 4), checkpoint=self._reader_state)
+                             max(1, self.num_threads // 4), checkpoint=self._reader_state,
+                             dont_use_mmap=self.dont_use_mmap)
         self._queue = queue.Queue(maxsize=self.prefetch + 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_batches, args=(reader, self._stop), daemon=True,
@@ -268,12 +281,13 @@ class VideoLoader:
         plans = []
         for row in info:
             meta = unpack_info(row.tobytes())
-            fps = meta["fps_milli"] / 1000
+            fps, rotation = meta["fps_milli"] / 1000, meta.get("rotation", 0)
             args = (meta["num_frames"], fps, meta["height"], meta["width"], self.spec)
             if self.evaluation:
-                plans.append(plan_eval_sample(*args, num_clips=self.eval_clips, num_crops=self.eval_crops))
+                plans.append(plan_eval_sample(*args, num_clips=self.eval_clips, num_crops=self.eval_crops,
+                                              rotation=rotation))
             else:
-                plans.append(plan_train_sample(*args, rng))
+                plans.append(plan_train_sample(*args, rng, rotation=rotation))
         return Feed(epoch, position, encoded, plans, info[:, 0].astype(np.int64), names, real, state)
 
     def _decode_with_pyav(self, feed: Feed, pool: ThreadPoolExecutor) -> Feed:
@@ -290,13 +304,19 @@ class VideoLoader:
         self.skipped += len(bad)
         good = [i for i in range(len(feed.data)) if i not in bad]
         if not good:
-            raise RuntimeError(f"every clip of a batch is undecodable ({feed.names}): are these shards intact?")
+            if self.decoder == "dali-gpu" and not self._decoded_any:
+                raise RuntimeError(f"NVDEC decoded none of the first batch's {len(bad)} clips ({feed.names[0]}, "
+                                   f"...): it is probably not available in this process. {NVDEC_HELP}")
+            raise RuntimeError(f"every clip of a batch is undecodable ({feed.names}): are these shards intact? "
+                               "(python tools/preflight.py --data ... checks them)")
         return feed.substitute(bad, good)
 
     def _repair(self, feed: Feed, err: Exception) -> dict:
         """Find the clips of a failed batch that the decoder rejects, replace them, decode the batch on the side."""
+        if nvdec_missing(err):
+            raise RuntimeError(f"{first_meaningful_line(err)}. {NVDEC_HELP}") from None
         log.warning("the video decoder failed on a batch (%s); checking its clips one by one",
-                    str(err).strip().splitlines()[-1][:200])
+                    first_meaningful_line(err)[:300])
         if self._side_pipe is None:
             self._side_pipe = build_views_pipeline(**self.pipe_options)
         bad = []
@@ -337,7 +357,9 @@ class VideoLoader:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for v, view in enumerate(views):
             feed_ndarray(view.as_tensor(), out[v], cuda_stream=stream)
-        labels = torch.from_numpy(feed.labels).to(self.device)
+        labels = torch.from_numpy(feed.labels)
+        if self.device.type == "cuda":  # from pinned memory, without blocking the host
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
         if not self.evaluation:
             video = out.flatten(0, 1).to(self.dtype)
             self._buffers[self._turn] = (out, weakref.ref(video))

@@ -4,6 +4,8 @@
 rank's part to the same number of batches (repeating its last sample), so each epoch every sample is read exactly
 once across ranks and all ranks take the same number of steps. Shuffling uses DALI's seeded buffer, which gives a
 fresh order every epoch; the reader's position and shuffle state are captured by DALI checkpointing.
+On network filesystems (NFS, Lustre, GPFS) `dont_use_mmap` makes DALI read with plain reads: DALI's documentation
+notes that most network filesystems serve memory-mapped files poorly.
 """
 
 import base64
@@ -18,7 +20,7 @@ from dali_pipes.shard_set import ShardSet
 
 class ShardReader:
     def __init__(self, shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 shuffle_buffer: int, num_threads: int, checkpoint: str | None = None):
+                 shuffle_buffer: int, num_threads: int, checkpoint: str | None = None, dont_use_mmap: bool = False):
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
 
         @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
@@ -28,6 +30,7 @@ class ShardReader:
                 paths=shards.tars, index_paths=shards.indexes, ext=[";".join(VIDEO_EXTS), "info"],
                 dtypes=[types.UINT8, types.INT32], shard_id=rank, num_shards=world_size, pad_last_batch=True,
                 random_shuffle=shuffle, initial_fill=shuffle_buffer, seed=seed, name="reader",
+                dont_use_mmap=dont_use_mmap,
             )
             return video, info, fn.get_property(video, key="source_info")
 

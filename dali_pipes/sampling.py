@@ -30,12 +30,19 @@ class ViewSpec:
             raise ValueError(f"num_frames, stride, repeats and crop_size must be positive: {self}")
 
 
+# Resampling a crop down by more than this aliases visibly (fine textures turn to moire): filter first. Crops of
+# the recommended 256-320p shards shrink by at most ~1.4x to 224; HD copy-shards by 3-5x.
+ANTIALIAS_ABOVE = 1.5
+
+
 @dataclass
 class SamplePlan:
     frames: np.ndarray  # int32 [F]: frame indices to decode, ascending (repeats only from edge padding)
     orders: list  # per view, int32 [T]: positions into `frames`
-    boxes: list  # per view, float32 [4]: crop (y0, x0, y1, x1) relative to the frame
+    boxes: list  # per view, float32 [4]: crop (y0, x0, y1, x1) relative to the STORED frame
     flips: list  # per view, 0 or 1
+    antialias: list  # per view, bool: the crop shrinks by more than ANTIALIAS_ABOVE
+    rotation: int = 0  # degrees clockwise that turn a stored frame upright (phone videos)
 
 
 def clip_indices(start: float, num_frames: int, stride: int, fps: float, target_fps: float | None, total: int):
@@ -79,13 +86,40 @@ def random_resized_box(height: int, width: int, scale, ratio, rng: np.random.Gen
     return np.array([y / height, x / width, (y + h) / height, (x + w) / width], np.float32)
 
 
+def display_size(height: int, width: int, rotation: int) -> tuple[int, int]:
+    """(height, width) of a stored frame once turned upright."""
+    return (width, height) if rotation % 180 else (height, width)
+
+
+def stored_box(box: np.ndarray, rotation: int) -> np.ndarray:
+    """A crop drawn on the upright frame, (y0, x0, y1, x1) relative, as the same pixels of the stored frame (which
+    is the upright one turned back by `rotation` degrees clockwise)."""
+    y0, x0, y1, x1 = box
+    stored = {0: (y0, x0, y1, x1), 90: (1 - x1, y0, 1 - x0, y1), 180: (1 - y1, 1 - x1, 1 - y0, 1 - x0),
+              270: (x0, 1 - y1, x1, 1 - y0)}[rotation % 360]
+    return np.array(stored, np.float32)
+
+
+def needs_antialias(box: np.ndarray, height: int, width: int, crop_size: int) -> bool:
+    return max((box[2] - box[0]) * height, (box[3] - box[1]) * width) > ANTIALIAS_ABOVE * crop_size
+
+
 def _union(clips: list) -> tuple[np.ndarray, list]:
     frames = np.unique(np.concatenate(clips)).astype(np.int32)
     return frames, [np.searchsorted(frames, c).astype(np.int32) for c in clips]
 
 
-def plan_train_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, rng) -> SamplePlan:
-    """R views of one clip: one temporal start (or one per view), each view its own crop and flip."""
+def _finish(frames, orders, upright_boxes, flips, height, width, rotation, crop_size) -> SamplePlan:
+    """The plan with its boxes moved onto the stored frame (height x width) and each view's antialias flag."""
+    boxes = [stored_box(b, rotation) for b in upright_boxes]
+    return SamplePlan(frames, orders, boxes, flips, [needs_antialias(b, height, width, crop_size) for b in boxes],
+                      rotation)
+
+
+def plan_train_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, rng,
+                      rotation: int = 0) -> SamplePlan:
+    """R views of one clip: one temporal start (or one per view), each view its own crop and flip, drawn on the
+    upright frame (height x width is the stored frame, turned by `rotation` degrees clockwise for display)."""
     span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
     starts = [random_start(total, span, rng) for _ in range(spec.repeats if spec.per_view_start else 1)]
     clips = [clip_indices(s, spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
@@ -93,9 +127,10 @@ def plan_train_sample(total: int, fps: float, height: int, width: int, spec: Vie
         frames, orders = _union(clips)
     else:  # the decoder returns the clip itself, edge-padding repeats included
         frames, orders = clips[0].astype(np.int32), [np.arange(spec.num_frames, dtype=np.int32)] * spec.repeats
-    boxes = [random_resized_box(height, width, spec.scale, spec.ratio, rng) for _ in range(spec.repeats)]
+    upright = display_size(height, width, rotation)
+    boxes = [random_resized_box(*upright, spec.scale, spec.ratio, rng) for _ in range(spec.repeats)]
     flips = [int(spec.flip and rng.random() < 0.5) for _ in range(spec.repeats)]
-    return SamplePlan(frames, orders, boxes, flips)
+    return _finish(frames, orders, boxes, flips, height, width, rotation, spec.crop_size)
 
 
 def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
@@ -111,7 +146,7 @@ def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
 
 
 def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, num_clips: int,
-                     num_crops: int = 3) -> SamplePlan:
+                     num_crops: int = 3, rotation: int = 0) -> SamplePlan:
     """num_clips temporal clips spread evenly from the first to the last possible start, times num_crops spatial
     crops; views ordered clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
     span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
@@ -119,5 +154,6 @@ def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: View
     starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
     clips = [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
     frames, orders = _union(clips)
-    boxes = eval_boxes(height, width, num_crops)
-    return SamplePlan(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops))
+    boxes = eval_boxes(*display_size(height, width, rotation), num_crops)
+    return _finish(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops),
+                   height, width, rotation, spec.crop_size)

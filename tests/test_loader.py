@@ -214,5 +214,133 @@ def test_bad_arguments_fail_early_and_clearly(tmp_path, vp9_shards):
     for name in os.listdir(vp9_shards):
         if not name.endswith(".idx") and not name.startswith("."):
             os.symlink(os.path.join(vp9_shards, name), broken / name)
-    with pytest.raises(FileNotFoundError, match="missing, e.g. .*train-000000.idx"):
+    with pytest.raises(FileNotFoundError, match="train-000000.idx: missing"):
         build_pretrain_loader(str(broken))
+
+
+def hand_made_shards(tmp_path, clips: dict, split="train"):
+    """Shards written directly (bypassing the builder's checks): {key: (video bytes, label, frames claimed)}."""
+    out = tmp_path / "shards"
+    writer = ShardWriter(str(out), split, max_bytes=10**9, max_count=0)
+    for key, (data, label, frames) in clips.items():
+        writer.write(key, {"mp4": data, "info": pack_info(label, frames, 30, 48, 64)}, {"codec": "vp9"})
+    writer.close()
+    (out / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {split: {
+        "samples": len(clips), "codecs": {"vp9": len(clips)},
+        "shards": [{"tar": f"{split}-000000.tar", "index": f"{split}-000000.idx"}]}}}))
+    return str(out)
+
+
+def test_frames_past_what_the_decoder_counts_repeat_the_last_frame(tmp_path):
+    """Clips that decode 40 frames but claim 60: frames past 39 must repeat frame 39, never come out black."""
+    clips = {f"clip{i}": (open(write_video(tmp_path / f"{i}.mp4", frames=40, codec="libvpx-vp9", seed=i), "rb").read(),
+                          i, 60) for i in range(4)}
+    loader = whole_frame_loader(hand_made_shards(tmp_path, clips), batch_size=4, repeats=1, num_frames=8, stride=4)
+    late = 0
+    for clip in pixels(next(iter(loader))["video"]):  # starts anywhere in 0 .. 31, so frames up to 59
+        expected = [min(39, i) for i in range(read_index(clip[0]), read_index(clip[0]) + 29, 4)]
+        assert [read_index(f) for f in clip] == expected
+        late += sum(i == 39 for i in expected)
+        assert clip[-1][8:].mean() == pytest.approx(clip[0][8:].mean(), abs=3)  # the scene, not a black frame
+    assert late > 0
+
+
+def striped_clip(path, width=384, height=288, frames=8):
+    """Vertical stripes 2 px wide: resampled 6x smaller without a filter, they alias into a strong pattern."""
+    import av
+
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, (np.arange(width) // 2) % 2 == 0] = 255
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libvpx-vp9", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "0"}
+        for _ in range(frames):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode(None))
+    return open(path, "rb").read()
+
+
+def test_downscaled_crops_are_antialiased(tmp_path, monkeypatch):
+    from dali_pipes import sampling
+
+    assert not sampling.needs_antialias(np.array([0, 0, 1, 1]), 256, 320, 224)  # 256p shards to 224: 1.4x
+    assert sampling.needs_antialias(np.array([0, 0, 1, 1]), 1080, 1920, 224)  # HD copy-shards: 8.6x
+    data = striped_clip(tmp_path / "stripes.webm")
+    out = tmp_path / "shards"
+    writer = ShardWriter(str(out), "val", max_bytes=10**9, max_count=0)
+    writer.write("stripes", {"webm": data, "info": pack_info(0, 8, 30, 288, 384)}, {"codec": "vp9"})
+    writer.close()
+    (out / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"val": {
+        "samples": 1, "codecs": {"vp9": 1}, "shards": [{"tar": "val-000000.tar", "index": "val-000000.idx"}]}}}))
+
+    def contrast():
+        loader = build_eval_loader(str(out), batch_size=1, num_clips=1, num_crops=1, num_frames=2, crop_size=48)
+        return pixels(next(iter(loader))["video"])[0].astype(float).std()
+
+    filtered = contrast()
+    monkeypatch.setattr(sampling, "ANTIALIAS_ABOVE", 1e9)  # what the loader did before: never filter
+    aliased = contrast()
+    assert filtered < 10 and aliased > 4 * filtered, (filtered, aliased)  # stripes average to flat grey
+
+
+def test_damaged_shards_are_named_and_can_be_left_out(tmp_path, vp9_shards, caplog):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(vp9_shards, copy)
+    tars = sorted(p for p in os.listdir(copy) if p.endswith(".tar"))  # 12 clips: shards of 5, 5 and 2
+    with open(copy / tars[0], "r+b") as f:  # a copy to the cluster that stopped half way
+        f.truncate(os.path.getsize(copy / tars[0]) // 2)
+    os.remove(copy / tars[2].replace(".tar", ".idx"))
+    with pytest.raises(FileNotFoundError) as err:
+        build_pretrain_loader(str(copy), batch_size=2)
+    message = str(err.value)
+    assert "2 of the 3 'train' shards" in message and "cut short" in message and "Copy them again" in message
+    assert tars[0] in message and tars[2].replace(".tar", ".idx") + ": missing" in message
+    with caplog.at_level(logging.WARNING, logger="dali_pipes"):
+        loader = build_pretrain_loader(str(copy), batch_size=1, repeats=1, num_frames=4, crop_size=16,
+                                       skip_damaged_shards=True)
+    assert loader.shards.num_samples == 5 and "training WITHOUT 2 damaged 'train' shards (7 of 12 clips" in caplog.text
+    labels = sorted(int(b["label"][0]) for b in loader)
+    assert len(labels) == 5 and len(set(labels)) == 5
+
+
+@pytest.mark.parametrize("codec,build", [("vp9", "copy"), ("h264", "copy"), ("vp9", "vp9")])
+def test_phone_videos_come_out_upright(tmp_path, codec, build):
+    """A clip stored 64x48 with a 90-degree flag is displayed 48x64: copy shards record the flag and the loader
+    turns the views (after the crop, on the small square); re-encoded shards hold upright pixels already."""
+    from dali_pipes.pyav_decoder import decode_frames
+    from tools import build_shards
+
+    os.makedirs(tmp_path / "videos" / "c0")
+    source = write_video(tmp_path / "videos" / "c0" / "phone.mp4", frames=20, codec={"vp9": "libvpx-vp9",
+                         "h264": "libx264"}[codec], rotation=90)
+    out = tmp_path / "shards"
+    assert build_shards.main(["--root", str(tmp_path / "videos"), "--out", str(out), "--codec", build,
+                              "--short-side", "0", "--workers", "1"]) == 0
+    assert unpack_info_of(out)["rotation"] == (90 if build == "copy" else 0)
+    loader = build_pretrain_loader(str(out), batch_size=1, repeats=1, num_frames=1, stride=1, crop_size=32,
+                                   scale=(1.0, 1.0), ratio=(48 / 64, 48 / 64), flip=False, shuffle=False)
+    batch = next(iter(loader))
+    got = pixels(batch["video"])[0, 0].astype(float)  # [32, 32, 3], the first frame sampled
+    stored = decode_frames(open(source, "rb").read(), np.arange(20))[read_index(np.rot90(got, k=1))]
+
+    def as_view(frame):
+        video = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        return torch.nn.functional.interpolate(video, size=(32, 32), mode="bilinear", antialias=True)[0].permute(
+            1, 2, 0).numpy()
+
+    upright, sideways = as_view(np.rot90(stored, k=-1)), as_view(stored)  # k=-1: clockwise
+    assert np.abs(got - upright).mean() < 12 < np.abs(got - sideways).mean()
+    assert np.abs(got - as_view(np.rot90(stored, k=1))).mean() > 12  # and not turned the wrong way
+
+
+def unpack_info_of(shards) -> dict:
+    import tarfile
+
+    from dali_pipes.shard_format import unpack_info
+
+    with tarfile.open(next(shards.glob("train-*.tar"))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".info"))
+        return unpack_info(tar.extractfile(member).read())
