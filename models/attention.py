@@ -1,13 +1,12 @@
 """Multi-head attention with the kernel chosen per device and dtype.
 
-CUDA: torch's scaled_dot_product_attention, which dispatches to FlashAttention-2 / cuDNN / memory-efficient kernels
-(bf16 and fp16), never materialising the L x L score matrix.
+CUDA: torch's scaled_dot_product_attention (torch.nn.functional.scaled_dot_product_attention in the torch docs),
+which dispatches to FlashAttention-2 / cuDNN / memory-efficient kernels (bf16 and fp16), never materialising the
+L x L score matrix.
 
-CPU: SDPA too, except bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), where a plain matmul-softmax-matmul ran
-3-5x faster than SDPA's CPU kernels for ViT-sized inputs (../shared/reference/platform_facts.md: B=4, 12 heads,
-L=160, d=64, forward+backward, bf16: SDPA 15.6-17.8 ms vs 3.4-4.2 ms). On CPUs without it the ranking flips:
-measured on a 2-core AVX2 EPYC (2026-11), same shapes, bf16: SDPA 42 ms vs plain 157 ms; fp32: 9.8 vs 9.7 ms;
-L=1569, B=1, fp32: SDPA 198 ms vs plain 370 ms.
+CPU: SDPA too, except bf16 on CPUs with native bf16 (AVX512-BF16 / AMX): there a plain matmul-softmax-matmul
+measured several times faster than SDPA's CPU kernels in bf16 for ViT-sized inputs, while on AVX2-only CPUs the
+ranking is the reverse, so `auto` keeps SDPA there.
 """
 
 import functools
@@ -32,23 +31,40 @@ def attention_impl(device: torch.device, dtype: torch.dtype, requested: str = "a
     return "sdpa"
 
 
-def describe_attention(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """One line for the training log: which attention kernel runs and why."""
-    impl = attention_impl(device, dtype, requested)
-    if impl == "math":
-        return f"attention: plain matmul-softmax ({device.type}, {dtype}, requested {requested})"
-    if device.type == "cuda":
-        backends = [
-            name
-            for name, enabled in (
-                ("flash", torch.backends.cuda.flash_sdp_enabled()),
-                ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
-                ("mem-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
-            )
-            if enabled
-        ]
-        return f"attention: torch SDPA fused kernels ({'/'.join(backends)}; cuda, {dtype}, requested {requested})"
-    return f"attention: torch SDPA ({device.type} kernels, {dtype}, requested {requested})"
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel torch's SDPA dispatcher picks for these very tensors (flash, cudnn, efficient or math), not the
+    list of enabled ones: a head size, dtype or GPU a fused kernel does not support falls back to math silently."""
+    from torch.nn.attention import SDPBackend
+
+    choice = SDPBackend(torch._fused_sdp_choice(q, k, v))  # the dispatcher's own choice function
+    return {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "memory-efficient",
+            SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.MATH: "math"}.get(choice, choice.name.lower())
+
+
+def attention_kernels(cfg, device: torch.device, dtype: torch.dtype, mask_ratio: float = 0.9) -> dict:
+    """{'encoder': ..., 'decoder': ...}: the kernel each attention stack of a model config runs, at its shapes
+    (tokens, heads, head size) on `device` in `dtype`; an MAE's encoder sees only the visible tokens."""
+    masked = hasattr(cfg, "decoder_embed_dim")
+    visible = int(cfg.num_patches * (1 - mask_ratio)) if masked else cfg.num_patches
+    stacks = {"encoder": (cfg.embed_dim, cfg.num_heads, visible + 1)}
+    if masked:
+        stacks["decoder"] = (cfg.decoder_embed_dim, cfg.decoder_heads, cfg.num_patches + 1)
+    kernels = {}
+    for name, (dim, heads, tokens) in stacks.items():
+        where = f"{tokens} tokens x {heads} heads x {dim // heads}"
+        if attention_impl(device, dtype, cfg.attn_impl) == "math":
+            kernels[name] = f"plain matmul-softmax ({where})"
+            continue
+        q = torch.zeros(1, heads, tokens, dim // heads, device=device, dtype=dtype)
+        kernels[name] = f"{sdpa_kernel(q, q, q)} ({where})"
+    return kernels
+
+
+def describe_attention(cfg, device: torch.device, dtype: torch.dtype) -> str:
+    """One line for the training log: which attention kernel runs, per stack."""
+    kernels = attention_kernels(cfg, device, dtype)
+    return f"attention ({device.type}, {dtype}, attn_impl={cfg.attn_impl}): " + "; ".join(
+        f"{stack} {kernel}" for stack, kernel in kernels.items())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:

@@ -21,27 +21,18 @@ from trainer.finetune import layer_decay_scale
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    from tools import make_demo_data
-
-    out = tmp_path_factory.mktemp("demo")
-    assert make_demo_data.main(["--out", str(out), "--workers", "2"]) == 0
-    return str(out / "shards")
-
-
-def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_data, tmp_path):
+def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards, tmp_path):
     """16 validation videos in 4 motion classes (5 classes in all): guessing gives 20%, always naming the most common
     validation class 25%. The threshold, 50% (8 of 16), is reached by a chance-level classifier with probability
     below 3% (binomial, p = 0.25), while this run reaches about 80% (100% with the full demo pretraining)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     pretrained = str(tmp_path / "pt")
     subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config",
-                    os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data", demo_data,
+                    os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data", demo_shards,
                     "--output", pretrained, "--max-steps", "150"], check=True, capture_output=True, env=env)
     run_dir = str(tmp_path / "ft")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
-                             os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_data,
+                             os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
                              "--pretrained", pretrained, "--output", run_dir, "epochs=15"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -55,7 +46,7 @@ def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_data, t
     assert open(os.path.join(run_dir, "per_class_accuracy.csv")).readline().strip() == "class,videos,top1"
     # --eval-only tests the run's own checkpoint again, without a step of training
     again = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
-                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_data,
+                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
                             "--output", run_dir, "--eval-only", "epochs=15"], capture_output=True, text=True,
                            env=env)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -62,7 +62,7 @@ def test_one_process_learns_and_writes_everything(shards, tmp_path):
     out = str(tmp_path / "run")
     text = run(command(1, ds_config(tmp_path, 2, micro=4), shards, out, "--max-steps", "60", "blr=0.05",
                        "warmup_epochs=1", "epochs=40", "checkpoint_every=30"))
-    assert "done: 60 steps" in text and "video decoder: dali-cpu" in text and "attention: torch SDPA" in text
+    assert "done: 60 steps" in text and "video decoder: dali-cpu" in text and "encoder flash" in text
     seen = losses(out)
     first, last = sum(seen[s] for s in range(1, 6)) / 5, sum(seen[s] for s in range(56, 61)) / 5
     assert last < 0.75 * first, (first, last)  # overfitting a handful of clips

@@ -21,7 +21,7 @@ def measure_model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_re
     import torch
 
     from models import build_pretrain_model, pretrain_macs
-    from trainer.monitor import measured_matmul_peak
+    from trainer.device_peak import measured_matmul_peak
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 only where it is fast

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +41,18 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@dataclass(frozen=True)
+class ResumePlan:
+    tag: str
+    universal: bool  # written by another number of processes: load DeepSpeed's universal conversion
+
+    def adjust(self, ds_config: dict) -> dict:
+        """The ds_config that loads this checkpoint."""
+        if not self.universal:
+            return ds_config
+        return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, env, keep: int):
         self.dir = os.path.join(run_dir, "checkpoints")
@@ -53,16 +66,16 @@ class Checkpointer:
         with open(path) as f:
             return f.read().strip()
 
-    def prepare_resume(self, ds_config: dict) -> str | None:
-        """The tag to resume from (None: a fresh run). If it was written by another number of processes, converts it
-        to DeepSpeed's universal format and switches ds_config to load that."""
+    def resume_plan(self) -> "ResumePlan | None":
+        """What to resume from (None: a fresh run). A checkpoint written by another number of processes is converted
+        to DeepSpeed's universal format first (rank 0 converts, everyone waits)."""
         tag = self.latest()
         if tag is None:
             return None
         with open(os.path.join(self.dir, tag, "meta.json")) as f:
             meta = json.load(f)
         if meta["world_size"] == self.env.world_size:
-            return tag
+            return ResumePlan(tag, universal=False)
         universal = f"{tag}_universal"
         log.warning("%s was written by %d processes, this run has %d: loading it through DeepSpeed's universal "
                     "checkpoint format (%s)", tag, meta["world_size"], self.env.world_size, universal)
@@ -76,11 +89,12 @@ class Checkpointer:
                     f"converting {tag} to a universal checkpoint failed; resume with {meta['world_size']} processes, "
                     f"or run by hand: {' '.join(command)}\n{result.stderr[-2000:]}")
         dist.barrier()
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-        return universal
+        return ResumePlan(universal, universal=True)
 
-    def resume(self, engine, tag: str, loader) -> int:
-        """Load `tag` into the engine, the loader and the RNGs; returns the optimizer step to continue from."""
+    def resume(self, engine, plan: "ResumePlan", loader) -> int:
+        """Load the plan's checkpoint into the engine, the loader and the RNGs; returns the optimizer step to
+        continue from."""
+        tag = plan.tag
         path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.build_locks import remove_stale_build_locks, skip_deepspeed_shm_op
+
 log = logging.getLogger("trainer")
 
 
@@ -42,6 +44,9 @@ def init_distributed() -> DistEnv:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    remove_stale_build_locks()
+    if not cuda:
+        skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
@@ -95,8 +100,13 @@ def load_ds_config(path: str, recipe, world_size: int, device: torch.device) -> 
     if config.get("bf16", {}).get("enabled") and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("bf16 on a CPU without AVX512-BF16/AMX runs matmuls ~100x slower than fp32 "
                     "(measured 1 vs 166 GFLOP/s): ds_configs/cpu.json trains in fp32")
-    return {**config, "gradient_clipping": recipe.clip_grad, "zero_allow_untested_optimizer": True,
-            "steps_per_print": config.get("steps_per_print", 10**9)}
+    config = {**config, "gradient_clipping": recipe.clip_grad, "zero_allow_untested_optimizer": True,
+              "steps_per_print": config.get("steps_per_print", 10**9)}
+    if config.get("bf16", {}).get("enabled") and accum > 1 and "grad_accum_dtype" not in config.get("data_types", {}):
+        # bf16 keeps 8 bits of mantissa: summing many micro-batches' gradients in it loses their small parts
+        log.info("accumulating gradients over %d micro-batches in fp32 (data_types.grad_accum_dtype)", accum)
+        config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": "fp32"}
+    return config
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale_of=None) -> list[dict]:

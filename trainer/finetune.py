@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from dali_pipes import build_eval_loader, build_finetune_loader
 from dali_pipes.shard_set import open_shard_set
-from models import build_classifier, classifier_macs, load_pretrained
+from models import VideoClassifier, classifier_macs, load_pretrained
+from models.config import ClassifierConfig, resolve_config
 from trainer.batch_augment import mixup_cutmix, random_erasing
 from trainer.evaluate import evaluate, write_report
-from trainer.pretrain import check_model_fits_data
+from trainer.pretrain import check_model_fits_data, loader_threads
 from trainer.recipes import FINETUNE_RECIPES
 from trainer.run import Task, main
 
@@ -43,15 +44,30 @@ class Finetuning(Task):
     recipes = FINETUNE_RECIPES
     description = __doc__
 
-    def add_arguments(self, parser):
+    def __init__(self, pretrained: str | None = None, eval_only: bool = False):
+        self.pretrained, self.trains = pretrained, not eval_only
+        self.class_names, self.num_classes, self.eval_loaders = {}, 0, {}
+
+    @staticmethod
+    def add_arguments(parser):
         parser.add_argument("--pretrained", help="weights to start from (any format; see above)")
         parser.add_argument("--eval-only", action="store_true", help="test without training")
 
-    def build_model(self, recipe, env):
-        model = build_classifier(recipe.model, num_classes=self.num_classes, drop_path_rate=recipe.drop_path,
-                                 dropout=recipe.dropout, **recipe.model_options)
-        check_model_fits_data(model.cfg, recipe)
-        source = self.args.pretrained or recipe.init_from
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.pretrained, args.eval_only)
+
+    def model_config(self, recipe, label_map):
+        self.class_names = {index: name for name, index in label_map.items()}
+        self.num_classes = recipe.num_classes or len(label_map)
+        cfg = resolve_config(ClassifierConfig, recipe.model, num_classes=self.num_classes,
+                             drop_path_rate=recipe.drop_path, dropout=recipe.dropout, **recipe.model_options)
+        check_model_fits_data(cfg, recipe)
+        return cfg
+
+    def build_model(self, recipe, cfg, env):
+        model = VideoClassifier(cfg)
+        source = self.pretrained or recipe.init_from
         if source:
             log.info("pretrained weights %s: %s", source, load_pretrained(model, source))
         elif env.is_main:
@@ -59,23 +75,21 @@ class Finetuning(Task):
         return model
 
     def build_loader(self, recipe, data, env, micro_batch, dtype):
-        self.threads = recipe.loader_threads or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
+        open_shard_set(data, recipe.eval_split)  # fail now, not after training, if the test split is missing
         self.eval_options = dict(num_frames=recipe.num_frames, stride=recipe.stride, crop_size=recipe.crop_size,
                                  rank=env.rank, world_size=env.world_size, decoder=recipe.decoder,
                                  split=recipe.eval_split, target_fps=recipe.target_fps, device=env.device,
-                                 dtype=dtype, num_threads=self.threads, decode_pipelines=recipe.decode_pipelines)
-        loader = build_finetune_loader(
+                                 dtype=dtype, num_threads=loader_threads(recipe, env),
+                                 decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
+            dont_use_mmap=recipe.dont_use_mmap)
+        self.micro_batch = micro_batch
+        return build_finetune_loader(
             data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
             crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
             decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=self.threads,
-            decode_pipelines=recipe.decode_pipelines)
-        open_shard_set(data, recipe.eval_split)  # fail now, not after training, if the test split is missing
-        self.eval_loaders = {}
-        self.class_names = {index: name for name, index in loader.shards.label_map.items()}
-        self.num_classes = recipe.num_classes or len(loader.shards.label_map)
-        self.micro_batch = micro_batch
-        return loader
+            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=loader_threads(recipe, env),
+            decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
+            dont_use_mmap=recipe.dont_use_mmap)
 
     def loss(self, engine, batch, recipe):
         video = random_erasing(batch["video"], recipe.random_erasing)
@@ -123,7 +137,7 @@ class Finetuning(Task):
         print(line, flush=True)
         lines = [f"  test ({views} views): {os.path.join(run.run_dir, 'eval.json')}, "
                  f"{os.path.join(run.run_dir, 'per_class_accuracy.csv')}"]
-        if tag and not run.args.eval_only:
+        if tag and self.trains:
             export = os.path.join(run.run_dir, "export", "mae_st_finetune.pth")
             os.makedirs(os.path.dirname(export), exist_ok=True)
             run.checkpointer.export_mae_st(tag, export, epoch=run.step / run.steps_per_epoch)
@@ -132,4 +146,4 @@ class Finetuning(Task):
 
 
 if __name__ == "__main__":
-    sys.exit(main(Finetuning()))
+    sys.exit(main(Finetuning))

@@ -5,42 +5,11 @@ import json
 import math
 import os
 import resource
-import time
 from collections import deque
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, no sparsity): the MFU denominator on CUDA.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                 "L4": 121e12, "A10": 125e12, "B200": 2250e12}
-
-
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """FLOP/s of a large dense matmul on this device and dtype: the practical peak (used on CPUs)."""
-    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG (masks, resume) alone
-    a = torch.randn(1024, 1024, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(1024, 1024, device=device, dtype=dtype, generator=generator)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * 1024**3 * count / (time.perf_counter() - start)
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name}: datasheet dense bf16"
-        return measured_matmul_peak(device, dtype), f"{name}: measured matmul (not in the datasheet table)"
-    return measured_matmul_peak(device, dtype), f"CPU: measured {dtype} matmul"
 
 
 class LossGuard:
@@ -65,18 +34,20 @@ class LossGuard:
 
 class Monitor:
     def __init__(self, run_dir: str, enabled: bool, start_step: int, total_steps: int, clips_per_step: int,
-                 world_size: int, flops_per_step: float, peak_flops: float):
+                 world_size: int, flops_per_step: float, peak_flops: float, views_per_clip: int = 1,
+                 progress_bar: bool = True):
         self.enabled, self.run_dir = enabled, run_dir
-        self.clips_per_step, self.world_size = clips_per_step, world_size
+        self.clips_per_step, self.world_size, self.views_per_clip = clips_per_step, world_size, views_per_clip
+        self.history = deque(maxlen=1000)  # the last steps' values (tools/preflight.py summarises them)
         self.flops_per_step, self.peak = flops_per_step, peak_flops  # per device
-        self.last_time, self.wait = time.perf_counter(), 0.0
         self.first_losses, self.last_losses = [], deque(maxlen=10)
         if not enabled:
             return
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step or None)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self._truncate_metrics(start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not progress_bar)
 
     def _truncate_metrics(self, start_step: int) -> None:
         """A resumed run rewrites the steps after its checkpoint: drop what a killed run logged past it."""
@@ -87,13 +58,9 @@ class Monitor:
         with open(self.metrics_path, "w") as f:
             f.writelines(kept)
 
-    def data_wait(self, seconds: float) -> None:
-        self.wait += seconds
-
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, skipped: int, log: bool) -> None:
-        now = time.perf_counter()
-        elapsed, wait = now - self.last_time, self.wait
-        self.last_time, self.wait = now, 0.0
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, skipped: int, log: bool,
+             elapsed: float, wait: float) -> None:
+        """One optimizer step's figures: it took `elapsed` seconds, `wait` of them waiting for the loader."""
         if len(self.first_losses) < 10:
             self.first_losses.append(loss)
         self.last_losses.append(loss)
@@ -101,12 +68,14 @@ class Monitor:
             return
         clips_per_s = self.clips_per_step / elapsed
         values = {"loss": loss, "lr": lr, "clips_per_s": clips_per_s, "clips_per_s_per_device": clips_per_s /
-                  self.world_size, "data_wait_share": wait / elapsed, "mfu": self.flops_per_step / elapsed / self.peak,
+                  self.world_size, "views_per_s_per_device": clips_per_s * self.views_per_clip / self.world_size,
+                  "data_wait_share": wait / elapsed, "mfu": self.flops_per_step / elapsed / self.peak,
                   "skipped_videos": skipped}
         if grad_norm is not None:
             values["grad_norm"] = grad_norm
         values["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        self.history.append({"step": step, **values})
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if log:

@@ -13,7 +13,8 @@ import os
 import sys
 
 from dali_pipes import build_pretrain_loader
-from models import build_pretrain_model, load_pretrained, pretrain_macs
+from models import MaskedAutoencoder, load_pretrained, pretrain_macs
+from models.config import MAEConfig, resolve_config
 from trainer.recipes import PRETRAIN_RECIPES
 from trainer.run import Task, main
 from trainer.visualize import reconstruction_grid
@@ -28,24 +29,37 @@ def check_model_fits_data(model_cfg, recipe) -> None:
                          "model.num_frames/model.img_size to agree")
 
 
+def loader_threads(recipe, env) -> int:
+    """The recipe's, or this process's share of the cores it may run on."""
+    return recipe.loader_threads or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
+
+
 class Pretraining(Task):
     recipes = PRETRAIN_RECIPES
     description = __doc__
 
-    def build_model(self, recipe, env):
-        model = build_pretrain_model(recipe.model, **recipe.model_options)
-        check_model_fits_data(model.cfg, recipe)
+    def __init__(self):
+        self.picture = None
+
+    def model_config(self, recipe, label_map):
+        cfg = resolve_config(MAEConfig, recipe.model, **recipe.model_options)
+        check_model_fits_data(cfg, recipe)
+        return cfg
+
+    def build_model(self, recipe, cfg, env):
+        model = MaskedAutoencoder(cfg)
         if recipe.init_from:
             log.info("initial weights: %s", load_pretrained(model, recipe.init_from))
         return model
 
     def build_loader(self, recipe, data, env, micro_batch, dtype):
-        threads = recipe.loader_threads or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
         return build_pretrain_loader(
             data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
             crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
             decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            device=env.device, dtype=dtype, num_threads=threads, decode_pipelines=recipe.decode_pipelines)
+            device=env.device, dtype=dtype, num_threads=loader_threads(recipe, env),
+            decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
+            dont_use_mmap=recipe.dont_use_mmap)
 
     def loss(self, engine, batch, recipe):
         loss, pred, mask = engine(batch["video"], mask_ratio=recipe.mask_ratio, mask_repeats=recipe.mask_repeats)
@@ -54,8 +68,12 @@ class Pretraining(Task):
     def train_flops_per_clip(self, model, recipe) -> float:
         return 3 * 2 * recipe.repeats * pretrain_macs(model.cfg, recipe.mask_ratio, mask_repeats=recipe.mask_repeats)
 
+    def wants_outputs(self, step, run):
+        every = run.recipe.image_every
+        return run.env.is_main and bool(every) and (step % every == 0 or step == run.stop_at)
+
     def after_step(self, run, step, batch, outputs):
-        if run.env.is_main and (step % run.recipe.image_every == 0 or step == run.stop_at):
+        if batch is not None:
             grid = reconstruction_grid(run.engine.module, batch["video"], *outputs, run.recipe.mask_repeats)
             self.picture = run.monitor.picture(step, grid)
 
@@ -66,10 +84,10 @@ class Pretraining(Task):
             os.makedirs(os.path.dirname(export), exist_ok=True)
             run.checkpointer.export_mae_st(tag, export, epoch=run.step / run.steps_per_epoch)
             lines.append(f"  fp32 weights, mae_st format: {export} (fine-tune with --pretrained {export})")
-            if getattr(self, "picture", None):
+            if self.picture:
                 lines.append(f"  reconstructions (target / masked input / reconstruction): {self.picture}")
         return lines
 
 
 if __name__ == "__main__":
-    sys.exit(main(Pretraining()))
+    sys.exit(main(Pretraining))

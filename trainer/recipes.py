@@ -1,5 +1,5 @@
-"""Training recipes, named after the seed's SlowFast configs, with the paper's numbers
-(../shared/reference/mae_st_recipe.md), and the tiny CPU ones the demo and the tests run.
+"""Training recipes, named after the seed's SlowFast configs (facebookresearch/SlowFast configs/masked_ssl), with the
+numbers of the MAE-ST paper (arXiv 2205.09113), and the tiny CPU ones the demo and the tests run.
 
 Any field can be overridden on the command line as key=value (model constructor options as model.key=value):
     deepspeed trainer/pretrain.py ... --recipe k400_VIT_L_16x4_MAE_PT blr=1e-3 epochs=100 model.drop_path_rate=0.1
@@ -27,6 +27,8 @@ class Recipe:
     decoder: str = "auto"
     loader_threads: int | None = None
     decode_pipelines: int | None = None  # DALI pipelines taking turns per process (None: 4 on a GPU, 1 on a CPU)
+    dont_use_mmap: bool = False  # True on network filesystems (NFS, Lustre, GPFS): plain reads instead of mmap
+    skip_damaged_shards: bool = False  # train without shards that are cut short or lack their index (logged)
     # optimization: lr = blr x clips per step / 256, repeats not counted (the official code's choice)
     batch_size: int | None = None  # clips per optimizer step over all ranks; None: whatever the ds_config gives
     blr: float = 1.6e-3
@@ -36,12 +38,13 @@ class Recipe:
     clip_grad: float = 0.02
     epochs: float = 200  # passes over the data (the paper counts epochs x repeats)
     warmup_epochs: float = 60
-    # bookkeeping
+    # bookkeeping; every *_every counts optimizer steps (eval_every: epochs), and 0 turns it off (a run still
+    # checkpoints at its end)
     seed: int = 0
-    checkpoint_every: int = 1000  # optimizer steps
+    checkpoint_every: int = 1000
     keep_checkpoints: int = 2
-    log_every: int = 10
-    image_every: int = 500
+    log_every: int = 10  # TensorBoard scalars (metrics.jsonl and the progress bar get every step)
+    image_every: int = 500  # reconstruction pictures
     compile: bool = False  # torch.compile through the DeepSpeed engine
     explosion_factor: float | None = 2.0  # stop when the loss tops this x the mean of the last 5 (None: NaN/inf only)
 
@@ -60,16 +63,15 @@ PRETRAIN_RECIPES = {
     # SlowFast configs/masked_ssl: 200 / 200 / 400 passes with 60 / 30 / 60 of warmup, batch 512 clips x 4 repeats
     "k400_VIT_B_16x4_MAE_PT": PretrainRecipe(model="vit_b", epochs=200, warmup_epochs=60, **_PAPER_PT),
     "k400_VIT_L_16x4_MAE_PT": PretrainRecipe(model="vit_l", epochs=200, warmup_epochs=30, **_PAPER_PT),
-    "k400_VIT_H_16x4_MAE_PT": PretrainRecipe(
-        model="vit_h", epochs=400, warmup_epochs=60, batch_size=512,
-        model_options={"norm_pix_loss": True, "grad_checkpointing": True},
-    ),
+    # (recomputing blocks in backward is decided from the memory estimate: trainer/memory_plan.py)
+    "k400_VIT_H_16x4_MAE_PT": PretrainRecipe(model="vit_h", epochs=400, warmup_epochs=60, **_PAPER_PT),
     # a few hundred steps of a tiny model on the demo shards, in minutes on two CPU cores
     "demo_PT": PretrainRecipe(
         model="vit_tiny", model_options={**DEMO_ENCODER, "decoder_embed_dim": 64, "decoder_depth": 2,
                                          "decoder_num_heads": 4, "pred_t_dim": 4},
         num_frames=8, stride=4, target_fps=None, crop_size=64, repeats=2, blr=1.5e-2, clip_grad=1.0,
         epochs=40, warmup_epochs=3, checkpoint_every=100, log_every=5, image_every=100,
+        explosion_factor=None,  # the loss of 4 clips x 2 views legitimately doubles from step to step: NaN/inf only
     ),
 }
 
@@ -146,7 +148,7 @@ FINETUNE_RECIPES = {
     "k400_VIT_L_16x4_FT": FinetuneRecipe(model="vit_l", drop_path=0.2, layer_decay=0.75, blr=1.2e-3, epochs=50,
                                          dropout=0.3, repeats=2),
     "k400_VIT_H_16x4_FT": FinetuneRecipe(model="vit_h", drop_path=0.2, layer_decay=0.8, blr=1.2e-3, epochs=75,
-                                         dropout=0.5, repeats=1, model_options={"grad_checkpointing": True}),
+                                         dropout=0.5, repeats=1),
     # the demo's motion classes from the demo_PT model: no mixup, cutmix or RandAugment on 68 clips
     "demo_FT": FinetuneRecipe(
         model="vit_tiny", model_options=DEMO_ENCODER,
@@ -155,3 +157,63 @@ FINETUNE_RECIPES = {
         warmup_epochs=2, eval_clips=2, eval_crops=3, checkpoint_every=200, log_every=5,
     ),
 }
+
+
+def _positive_int(v):
+    return type(v) is int and v >= 1
+
+
+def _count(v):
+    return type(v) is int and v >= 0
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _pair(low, high, v):
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_number(x) and low <= x <= high for x in v) \
+        and v[0] <= v[1]
+
+
+# field -> (test, the allowed values in words); fields a recipe class lacks are skipped
+_RULES = {
+    **{name: (_positive_int, "an integer >= 1") for name in (
+        "num_frames", "stride", "crop_size", "repeats", "keep_checkpoints", "mask_repeats", "eval_clips",
+        "eval_crops")},
+    **{name: (_count, "an integer >= 0 (0: off)") for name in (
+        "checkpoint_every", "log_every", "image_every", "eval_every")},
+    **{name: (lambda v: v is None or _positive_int(v), "an integer >= 1, or None (automatic)") for name in (
+        "loader_threads", "decode_pipelines", "batch_size", "num_classes")},
+    "seed": (lambda v: type(v) is int, "an integer"),
+    "blr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "clip_grad": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "epochs": (lambda v: _number(v) and v > 0, "a number > 0"),
+    **{name: (lambda v: _number(v) and v >= 0, "a number >= 0") for name in (
+        "min_lr", "weight_decay", "warmup_epochs", "mixup", "cutmix")},
+    **{name: (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)") for name in (
+        "mask_ratio", "label_smoothing", "drop_path", "dropout")},
+    **{name: (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in (
+        "random_erasing", "mixup_switch_prob")},
+    "layer_decay": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "target_fps": (lambda v: v is None or (_number(v) and v > 0), "a number > 0, or None (the video's own rate)"),
+    "explosion_factor": (lambda v: v is None or (_number(v) and v > 1), "a number > 1, or None (NaN/inf only)"),
+    "betas": (lambda v: _pair(0, 0.999999, v), "two numbers in [0, 1), like (0.9, 0.95)"),
+    "scale": (lambda v: _pair(1e-9, 1, v) and v[0] > 0, "(low, high) area fractions with 0 < low <= high <= 1"),
+    "rand_augment": (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_count, v))),
+                     "None, or (number of ops, magnitude) as two integers >= 0"),
+    "split": (lambda v: isinstance(v, str) and v != "", "a split name in the shards' manifest"),
+    "eval_split": (lambda v: isinstance(v, str) and v != "", "a split name in the shards' manifest"),
+}
+
+
+def check_recipe(recipe) -> None:
+    """Every value within its allowed range, or one ValueError naming each bad one and what it may be."""
+    from dali_pipes.decoder_choice import DECODERS  # (the loader's choice, without importing DALI)
+
+    problems = [f"{name}={getattr(recipe, name)!r} (must be {allowed})" for name, (test, allowed) in _RULES.items()
+                if hasattr(recipe, name) and not test(getattr(recipe, name))]
+    if recipe.decoder not in DECODERS:
+        problems.append(f"decoder={recipe.decoder!r} (must be one of {', '.join(DECODERS)})")
+    if problems:
+        raise ValueError("invalid recipe values: " + "; ".join(problems))

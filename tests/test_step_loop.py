@@ -1,0 +1,132 @@
+"""The trainer's step loop and start: no host synchronisation per micro-step, every *_every option off at 0, bad
+options refused before anything starts, and no start that hangs on a dead builder's lock."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import make_shards
+from trainer import host_readback, pretrain
+from trainer.build_locks import remove_stale_build_locks
+from trainer.run import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.pred_t_dim=2",
+        "model.depth=2", "model.embed_dim=64", "model.decoder_depth=1", "loader_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("loop"), n=8, frames=40)
+
+
+def ds_config(folder, micro=2, accumulation=1):
+    path = os.path.join(folder, f"accum{accumulation}.json")
+    with open(path, "w") as f:
+        f.write(f'{{"train_micro_batch_size_per_gpu": {micro}, "gradient_accumulation_steps": {accumulation}, '
+                '"bf16": {"enabled": false}, "zero_optimization": {"stage": 2}}')
+    return path
+
+
+OURS = ("trainer", "models", "dali_pipes")
+
+
+def test_the_step_loop_reads_no_device_value_per_micro_step(shards, tmp_path, monkeypatch):
+    """Reading a loss on the host (.item(), float()) waits for the GPU's queue; the loop reads each optimizer step's
+    numbers one step later through a HostReadback instead, and nothing at all per micro-step."""
+    reads, readbacks = [], []
+    for name in ("item", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, _original=original, _name=name):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(OURS):
+                reads.append(f"{caller}: {_name}")
+            return _original(self)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    original_init = host_readback.HostReadback.__init__
+
+    def counted_init(self, values):
+        readbacks.append(values.shape)
+        original_init(self, values)
+
+    monkeypatch.setattr(host_readback.HostReadback, "__init__", counted_init)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--ds_config", ds_config(tmp_path, accumulation=2), "--recipe", "demo_PT", "--data", shards, "--output",
+            str(tmp_path / "run"), *TINY, "--max-steps", "4", "log_every=0", "image_every=0", "checkpoint_every=0"]
+    assert pretrain.main(pretrain.Pretraining, args) == 0
+    assert reads == [], reads  # today's loop read the loss twice per micro-step
+    assert len(readbacks) == 4  # one per optimizer step, not per micro-step (8)
+
+
+def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output", str(out), *TINY,
+            "--max-steps", "5", "log_every=0", "image_every=0", "checkpoint_every=0"]
+    assert pretrain.main(pretrain.Pretraining, args) == 0
+    assert [n for n in os.listdir(out / "checkpoints") if n.startswith("step")] == ["step00000005"]  # the end only
+    assert not os.path.exists(out / "pictures")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"] == []
+    from trainer import finetune
+
+    ft = tmp_path / "ft"
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_FT", "--data", shards, "--output", str(ft),
+            "crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.depth=2",
+            "model.embed_dim=64", "loader_threads=1", "eval_split=train", "eval_clips=1", "eval_crops=1",
+            "--max-steps", "4", "eval_every=0", "log_every=0", "checkpoint_every=0"]
+    assert finetune.main(finetune.Finetuning, args) == 0
+    assert os.path.exists(ft / "eval.json")  # the final test still runs
+
+
+@pytest.mark.parametrize("override,named", [
+    ("model.depth=-1", "depth"), ("repeats=0", "repeats"), ("crop_size=0", "crop_size"), ("stride=-4", "stride"),
+    ("loader_threads=0", "loader_threads"), ("batch_size=0", "batch_size"), ("image_every=-1", "image_every"),
+    ("checkpoint_every=2.5", "checkpoint_every"), ("mask_ratio=1.0", "mask_ratio"), ("decoder=nvdec", "decoder"),
+    ("num_frames=0", "num_frames"), ("scale=(0.9, 0.5)", "scale"),
+])
+def test_bad_options_are_refused_before_anything_starts(shards, tmp_path, override, named):
+    """prepare() is everything the trainer does before starting a process group, DeepSpeed or DALI."""
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output",
+            str(tmp_path / "run"), override]
+    with pytest.raises((ValueError, TypeError), match=named):
+        prepare(pretrain.Pretraining, args)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_dead_builders_lock_is_removed_and_a_live_ones_kept(tmp_path):
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "some_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(live)!r}); import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)  # (the holder has opened it)
+        assert remove_stale_build_locks(str(tmp_path)) == [str(stale)]
+        assert not stale.exists() and live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_start_after_one_killed_while_building_neither_hangs_nor_builds(shards, tmp_path):
+    """A Ctrl-C during DeepSpeed's first build left its lock behind, and every later start waited on it, silently.
+    Now the lock is removed with a warning, and the CPU shared-memory op, which training never uses, is not built."""
+    extensions = tmp_path / "extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config", ds_config(tmp_path), "--recipe",
+         "demo_PT", "--data", shards, "--output", str(tmp_path / "run"), *TINY, "--max-steps", "2"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "removed a stale build lock" in result.stdout + result.stderr
+    assert os.listdir(extensions / "deepspeed_shm_comm") == []  # nothing was built
