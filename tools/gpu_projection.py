@@ -22,14 +22,22 @@ ACCELERATORS = {
 }
 
 
+def nvdec_clips_per_s(gpu: dict, codec: str, pixels: int, gop: int = 16, num_frames: int = 16,
+                      stride: int = 4) -> float:
+    """Clips one NVDEC engine of `gpu` decodes per second: its frames/s at 1080p scaled by clock and frame size,
+    over the frames one clip costs (its span plus, on average, half a keyframe interval before it)."""
+    frames_per_clip = (num_frames - 1) * stride + 1 + gop / 2
+    engine_fps = NVDEC_TURING_1080P[codec] * gpu["clock_mhz"] / TURING_CLOCK_MHZ * (1920 * 1080) / pixels
+    return engine_fps / frames_per_clip
+
+
 def projection(accelerator: str, mfu: float, repeats: int = 4, crop_size: int = 224, short_side: int = 256,
                codec: str = "h264", gop: int = 16, num_frames: int = 16, stride: int = 4) -> dict:
     gpu = ACCELERATORS[accelerator]
     span = (num_frames - 1) * stride + 1
     frames_per_clip = span + gop / 2
     pixels = short_side * round(short_side * 4 / 3)  # Kinetics is mostly 4:3 or wider; 4:3 is the cheap case
-    engine_fps = NVDEC_TURING_1080P[codec] * gpu["clock_mhz"] / TURING_CLOCK_MHZ * (1920 * 1080) / pixels
-    per_engine = engine_fps / frames_per_clip
+    per_engine = nvdec_clips_per_s(gpu, codec, pixels, gop, num_frames, stride)
     rows = []
     for size in ("vit_b", "vit_l", "vit_h"):
         cfg = resolve_config(MAEConfig, size, img_size=crop_size)
