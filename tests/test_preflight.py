@@ -192,3 +192,26 @@ def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeyp
         assert engine.global_steps == 2, stage
         if stage < 3:  # (ZeRO-3 partitions the parameters away from the module)
             assert any(not torch.equal(a, b.detach().float()) for a, b in zip(before, engine.module.parameters()))
+
+
+def test_the_shards_check_knows_what_nvdec_decodes_and_what_hd_costs(tmp_path):
+    from tools.preflight_checks import check_shards
+
+    def manifest(formats, short_side):
+        (tmp_path / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"train": {
+            "samples": sum(formats.values()), "codecs": {f.split("/")[0]: n for f, n in formats.items()},
+            "formats": formats, "shards": [{}], "pixels_median": short_side * short_side * 16 // 9,
+            "short_side": {"min": short_side, "median": short_side, "max": short_side,
+                           "above_320": sum(formats.values()) if short_side > 320 else 0}}}}))
+        return str(tmp_path)
+
+    gpu = torch.device("cuda")
+    good = check_shards(manifest({"h264/yuv420p": 90, "vp9/yuv420p10le": 10}, 256), "train", "dali-gpu", gpu, None, 4)
+    assert good.status == "PASS"
+    bad = check_shards(manifest({"h264/yuv420p": 90, "h264/yuv444p": 3}, 256), "train", "dali-gpu", gpu, None, 4)
+    assert bad.status == "FAIL" and "h264/yuv444p" in bad.summary and "--codec h264" in bad.fix
+    hd = check_shards(manifest({"h264/yuv420p": 5}, 1080), "train", "dali-gpu", gpu, 1200.0, 4)
+    assert hd.status == "WARN" and "projected NVDEC H.264 decode ~" in hd.summary and "needs ~300" in hd.summary
+    assert hd.figures["projected_nvdec_clips_per_s_per_engine"] < 60  # 1080p costs ~18x the pixels of 256p
+    cpu = check_shards(manifest({"hevc/yuv420p": 5}, 256), "train", "dali-cpu", torch.device("cpu"), None, 4)
+    assert cpu.status == "FAIL" and "decoder=pyav" in cpu.fix

@@ -204,7 +204,10 @@ def check_shards(data: str, split: str, decoder: str, device: torch.device, view
                      "build it with tools/build_shards.py, or set split=...")
     info = manifest["splits"][split]
     codecs, formats = info["codecs"], info.get("formats")
-    summary = f"{info['samples']} {split} clips in {len(info['shards'])} shards; codecs {codecs}"
+    side = info.get("short_side") or {}
+    summary = f"{info['samples']} {split} clips in {len(info['shards'])} shards; " + (
+        f"formats {formats}; short side {side['min']}-{side['median']}-{side['max']} px (min-median-max)"
+        if formats and side else f"codecs {codecs}")
     figures = {"samples": info["samples"], "codecs": codecs, "formats": formats, "short_side": info.get("short_side")}
     problems, fixes, status = [], [], PASS
     if decoder == "dali-gpu" and formats:
@@ -221,7 +224,6 @@ def check_shards(data: str, split: str, decoder: str, device: torch.device, view
         problems.append("the manifest predates pixel-format and frame-size records")
         fixes.append("rebuild the shards with this version of tools/build_shards.py to have them checked")
         status = WARN if status == PASS else status
-    side = info.get("short_side") or {}
     if side.get("median", 0) > RECOMMENDED_SHORT_SIDE:
         pixels = info.get("pixels_median", side["median"] ** 2 * 16 // 9)
         decodable = nvdec_clips_per_s(ACCELERATORS["H100"], "h264", pixels)
