@@ -157,3 +157,54 @@ def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: View
     boxes = eval_boxes(*display_size(height, width, rotation), num_crops)
     return _finish(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops),
                    height, width, rotation, spec.crop_size)
+
+
+# --- the two kinds of views a loader makes: what differs between training and testing is this data --------------
+
+
+@dataclass(frozen=True)
+class TrainViews:
+    """Training: R views of each decoded clip (MAE-ST's repeated sampling), each with its own random resized crop
+    and flip (and start, with per_view_start), drawn from the batch's generator. Batches are view-major."""
+
+    spec: ViewSpec = ViewSpec()
+    layout = "view-major"  # row v * B + b is view v of clip b
+    shuffle = True
+
+    @property
+    def views_per_clip(self) -> int:
+        return self.spec.repeats
+
+    @property
+    def shared_frames(self) -> bool:
+        """Every view uses the decoded frames as they are (no per-view reordering)."""
+        return not self.spec.per_view_start
+
+    def plan(self, meta: dict, rng: np.random.Generator) -> SamplePlan:
+        return plan_train_sample(meta["num_frames"], meta["fps_milli"] / 1000, meta["height"], meta["width"],
+                                 self.spec, rng, rotation=meta.get("rotation", 0))
+
+
+@dataclass(frozen=True)
+class EvalViews:
+    """Testing: `clips` temporal clips spread over each video x `crops` square crops; deterministic, in order.
+    Batches are clip-major (a video's views together) and carry each row's video index."""
+
+    spec: ViewSpec = ViewSpec(repeats=1, flip=False)
+    clips: int = 7
+    crops: int = 3
+    layout = "clip-major"
+    shuffle = False
+    shared_frames = False
+
+    def __post_init__(self):
+        if self.clips < 1 or self.crops < 1:
+            raise ValueError(f"num_clips and num_crops must be at least 1, got {self.clips} and {self.crops}")
+
+    @property
+    def views_per_clip(self) -> int:
+        return self.clips * self.crops
+
+    def plan(self, meta: dict, rng: np.random.Generator) -> SamplePlan:
+        return plan_eval_sample(meta["num_frames"], meta["fps_milli"] / 1000, meta["height"], meta["width"],
+                                self.spec, self.clips, self.crops, rotation=meta.get("rotation", 0))

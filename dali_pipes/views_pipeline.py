@@ -1,78 +1,69 @@
-"""The DALI graph that turns a batch of encoded clips into R views each: decode once, then per view crop, resize,
-flip and normalize, all on the GPU when there is one.
+"""The DALI graph that turns a batch of clips into R views each: decode once (or take frames a host decoder made),
+then per view crop, resize, turn, augment, flip and normalize, all on the GPU when there is one.
 
-Inputs arrive through named external sources, one batch per iteration (see loader.Feed):
-    data            the encoded video (or, on the PyAV path, the decoded frames uint8 [F, H, W, 3])
-    frames          int32 [F]: the frames to decode, ascending (the clip, or the union of the views' frames)
-    order{v}        int32 [T]: view v's frames as positions into `frames` (absent when every view shares them)
-    roi_start{v}, roi_end{v}   float32 [2]: view v's crop (y, x), relative to the stored frame
-    antialias{v}    bool: the crop shrinks by more than ANTIALIAS_ABOVE (sampling.py): filter before resampling
-    rotate          bool, and angle float32: the stored frames are turned by `angle` degrees for display (phone
-                    videos); applied to each finished view, which is square, so its shape stays
-    flip{v}         int32: mirror view v
-Outputs: R of them, view v as [C, T, S, S] per sample, normalized with mean 0.45 and std 0.225 (in 0-1 units).
-They are not stacked: the loader copies each straight into its slice of the batch tensor, which saves a copy.
+Inputs arrive through the named external sources of feed.Inputs, one batch per iteration. Outputs: R of them,
+view v as [C, T, S, S] per sample, normalized with mean 0.45 and std 0.225 (in 0-1 units). They are not stacked:
+the batch assembler copies each straight into its slice of the batch tensor, which saves a copy.
 """
 
 import warnings
 
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment as auto_rand_augment
 
+from dali_pipes.feed import Inputs
 from dali_pipes.normalization import MEAN, STD
 
 
+def build_views_pipeline(config, decoder, num_threads: int):
+    """A built pipeline for a LoaderConfig and a Decoder. One batch in flight: the loader collects it, then schedules
+    the next before handing the first to training. Asynchronous execution also matters for faults: after a decoder
+    error DALI's asynchronous executor goes on with the next batch, while the synchronous one stays broken
+    (measured with DALI 2.4)."""
+    views, cuda = config.views, config.device.type == "cuda"
+    size, half = [views.spec.crop_size] * 2, cuda and config.dtype != torch.float32
 
-
-def build_views_pipeline(*, batch_size: int, repeats: int, decoder: str, device_id, crop_size: int,
-                         shared_frames: bool, half: bool, num_threads: int,
-                         rand_augment: tuple[int, int] | None = None):
-    """A built pipeline; `decoder` is dali-gpu (NVDEC), dali-cpu or pyav (frames decoded before DALI).
-    One batch in flight: the loader collects it, then schedules the next before handing the first to training.
-    Asynchronous execution also matters for faults: after a decoder error DALI's asynchronous executor goes on with
-    the next batch, while the synchronous one stays broken (measured with DALI 2.4)."""
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1,
-                  enable_conditionals=True)
-    def views():
-        data = fn.external_source(name="data", dtype=types.UINT8, layout=None if decoder != "pyav" else "FHWC")
-        if decoder == "pyav":
-            video = data
+    @pipeline_def(batch_size=config.batch_size, num_threads=num_threads, prefetch_queue_depth=1,
+                  device_id=(config.device.index or 0) if cuda else None, enable_conditionals=True)
+    def pipeline():
+        if decoder.decodes_in_dali:
+            encoded = fn.external_source(name=Inputs.DATA, dtype=types.UINT8)
+            video = decoder.dali_node(encoded, fn.external_source(name=Inputs.FRAMES, dtype=types.INT32))
         else:
-            frames = fn.external_source(name="frames", dtype=types.INT32)
-            # pad_mode edge: a frame past the last one DALI counts repeats the last frame (the default pads black)
-            video = fn.decoders.video(data, device="mixed" if decoder == "dali-gpu" else "cpu", frames=frames,
-                                      pad_mode="edge")
-        if device_id is not None and decoder != "dali-gpu":
-            video = video.gpu()  # decoded on the CPU: augment on the GPU all the same
-        rotate = fn.external_source(name="rotate", dtype=types.BOOL)
-        angle = fn.external_source(name="angle", dtype=types.FLOAT)
+            video = fn.external_source(name=Inputs.DATA, dtype=types.UINT8, layout="FHWC")
+        if cuda and video.device == "cpu":
+            video = video.gpu()  # decoded on the CPU: augmented on the GPU all the same
+        rotate = fn.external_source(name=Inputs.ROTATE, dtype=types.BOOL)
+        angle = fn.external_source(name=Inputs.ANGLE, dtype=types.FLOAT)
         outputs = []
-        for v in range(repeats):
+        for v in range(views.views_per_clip):
             clip = video
-            if not shared_frames:
-                clip = fn.sequence_rearrange(video, new_order=fn.external_source(name=f"order{v}", dtype=types.INT32))
-            roi = dict(size=[crop_size, crop_size], roi_relative=True,
-                       roi_start=fn.external_source(name=f"roi_start{v}", dtype=types.FLOAT),
-                       roi_end=fn.external_source(name=f"roi_end{v}", dtype=types.FLOAT))
+            if not views.shared_frames:
+                clip = fn.sequence_rearrange(clip, new_order=fn.external_source(name=Inputs.order(v),
+                                                                               dtype=types.INT32))
+            roi = dict(size=size, roi_relative=True,
+                       roi_start=fn.external_source(name=Inputs.roi_start(v), dtype=types.FLOAT),
+                       roi_end=fn.external_source(name=Inputs.roi_end(v), dtype=types.FLOAT))
             # antialiasing costs a wider filter: only where the crop shrinks enough to alias (HD sources)
-            if fn.external_source(name=f"antialias{v}", dtype=types.BOOL):
+            if fn.external_source(name=Inputs.antialias(v), dtype=types.BOOL):
                 clip = fn.resize(clip, antialias=True, **roi)
             else:
                 clip = fn.resize(clip, antialias=False, **roi)
-            if rotate:
+            if rotate:  # a square view keeps its shape turned
                 clip = fn.rotate(clip, angle=angle, keep_size=True, interp_type=types.INTERP_NN)
-            if rand_augment:  # needs enable_conditionals
+            if config.rand_augment:
                 # DALI's auto_aug calls operators by their deprecated experimental names and forces the warning
                 # past any filter; nothing for our users to act on, so it is caught here.
                 with warnings.catch_warnings(record=True):
-                    clip = auto_rand_augment.rand_augment(clip, n=rand_augment[0], m=rand_augment[1])
+                    clip = auto_rand_augment.rand_augment(clip, n=config.rand_augment[0], m=config.rand_augment[1])
             outputs.append(fn.crop_mirror_normalize(
-                clip, mirror=fn.external_source(name=f"flip{v}", dtype=types.INT32), mean=[MEAN] * 3,
-                std=[STD] * 3, output_layout="CFHW", dtype=types.FLOAT16 if half else types.FLOAT,
+                clip, mirror=fn.external_source(name=Inputs.flip(v), dtype=types.INT32), mean=[MEAN] * 3,
+                std=[STD] * 3, output_layout="CFHW",
+                dtype=types.FLOAT16 if half else types.FLOAT,
             ))
         return tuple(outputs)
 
-    pipe = views()
+    pipe = pipeline()
     pipe.build()
     return pipe

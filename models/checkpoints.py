@@ -40,33 +40,25 @@ def _torch_load(path: str) -> Mapping:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     # weights_only keeps a downloaded file from running code; mae_st files also pickle their argparse.Namespace.
+    # mmap reads tensors only when they are used (the decoder layout is known from the keys alone); files in torch's
+    # legacy format cannot be mapped and are read whole.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by failure kind
-            raise ValueError(f"{path} is not a checkpoint torch can read safely: {err}") from err
-
-
-def _read_deepspeed(folder: str) -> dict:
-    """fp32 weights from a DeepSpeed ZeRO checkpoint: a run folder, its checkpoints/ folder, or one checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if os.path.isdir(os.path.join(folder, "checkpoints")):
-        folder = os.path.join(folder, "checkpoints")
-    if os.path.exists(os.path.join(folder, "latest")):
-        return get_fp32_state_dict_from_zero_checkpoint(folder)
-    parent, tag = os.path.split(os.path.normpath(folder))
-    if not os.path.exists(os.path.join(folder, "mp_rank_00_model_states.pt")):
-        raise ValueError(f"{folder} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt, "
-                         "no latest, no checkpoints/)")
-    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        for mmap in (True, False):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by failure kind
+                if mmap and "mmap" in str(err):
+                    continue
+                raise ValueError(f"{path} is not a checkpoint torch can read safely: {err}") from err
 
 
 def read_state_dict(source) -> tuple[dict, str]:
-    """A file, a DeepSpeed checkpoint folder or a dict -> (flat state dict, format). Unwraps 'model_state' /
-    'model' / 'module' / 'state_dict'."""
+    """A file or a dict -> (flat state dict, format). Unwraps 'model_state' / 'model' / 'module' / 'state_dict'."""
     if isinstance(source, (str, os.PathLike)):
-        obj = _read_deepspeed(str(source)) if os.path.isdir(source) else _torch_load(source)
+        if os.path.isdir(source):
+            raise ValueError(f"{source} is a folder: DeepSpeed checkpoints and run folders are read by "
+                             "trainer.checkpointing.read_weights (the trainers and tools/convert_checkpoint.py do it)")
+        obj = _torch_load(source)
     else:
         obj = source
     for wrapper in ("model_state", "model", "module", "state_dict"):
@@ -218,13 +210,16 @@ def _summarize(keys, limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _layout_of(state: Mapping):
-    """The decoder layout a pretraining state dict was saved with, or None for an encoder-only one."""
+def checkpoint_layout(source) -> dict:
+    """The decoder layout (config.MAE_ST_LAYOUT or SLOWFAST_LAYOUT) a pretraining checkpoint (file or state dict)
+    was saved with, to build the model that loads it: build_pretrain_model("vit_l", **checkpoint_layout(path)).
+    {} for a checkpoint without a decoder."""
+    state = to_ours(*read_state_dict(source))
     if "decoder_pos_embed" in state:
-        return SLOWFAST_LAYOUT
+        return dict(SLOWFAST_LAYOUT)
     if "decoder_cls_token" in state:
-        return MAE_ST_LAYOUT
-    return None
+        return dict(MAE_ST_LAYOUT)
+    return {}
 
 
 def _mismatch_message(model, missing, unexpected, misshapen, state) -> str:
@@ -247,7 +242,7 @@ def _mismatch_message(model, missing, unexpected, misshapen, state) -> str:
 def load_pretrained(model, source) -> LoadReport:
     """Load a checkpoint file or state dict of any format into a MaskedAutoencoder or a VideoClassifier.
 
-    A SlowFast pretraining file switches the MAE model to SlowFast's decoder layout; the classifier drops the
+    An MAE model must have been built with the file's decoder layout (checkpoint_layout); the classifier drops the
     pretraining decoder and keeps its fresh head unless the file has one of the right shape."""
     state, fmt = read_state_dict(source)
     report = LoadReport(fmt)
@@ -258,10 +253,14 @@ def load_pretrained(model, source) -> LoadReport:
         report.converted.append("renamed SlowFast pred_head.* / head.projection.* to decoder_* / head.*")
 
     if isinstance(model, MaskedAutoencoder):
-        layout = _layout_of(state)
-        if layout and any(getattr(model.cfg, k) != v for k, v in layout.items()):
-            model.use_layout(**layout)
-            report.converted.append(f"switched the model to the checkpoint's decoder layout {layout}")
+        layout = checkpoint_layout(state)
+        differs = {k: v for k, v in layout.items() if getattr(model.cfg, k) != v}
+        if differs:
+            overrides = ", ".join(f"{k}={v!r}" for k, v in layout.items())
+            raise CheckpointMismatchError(
+                f"the checkpoint's decoder has another layout than the model ({differs}): build the model with "
+                f"it, build_pretrain_model(..., {overrides}), i.e. **checkpoint_layout(file) (the trainer does this "
+                "for init_from)")
     else:
         report.ignored = [k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES)]
         state = {k: v for k, v in state.items() if k not in report.ignored}
@@ -290,9 +289,7 @@ def export_state_dict(model, fmt: str = "mae_st") -> dict:
     return from_ours(state, fmt)
 
 
-def save_as(state: Mapping, path: str, fmt: str = "mae_st", **extra) -> None:
-    """Write an already-converted state dict in the container its format uses, atomically (tmp file, then rename)."""
-    wrapper = {"mae_st": "model", "slowfast": "model_state", "ours": "model"}[fmt]
-    tmp = f"{path}.tmp"
-    torch.save({wrapper: dict(state), **extra}, tmp)
-    os.replace(tmp, path)
+def to_container(state: Mapping, fmt: str = "mae_st", **extra) -> dict:
+    """An already-converted state dict in the dict its format's files hold (with extra entries, e.g. epoch), ready
+    for torch.save."""
+    return {{"mae_st": "model", "slowfast": "model_state", "ours": "model"}[fmt]: dict(state), **extra}

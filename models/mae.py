@@ -12,9 +12,23 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from models.config import MAEConfig, resolve_config, with_options
+from models.config import MAEConfig, resolve_config
 from models.encoder import VideoViT
 from models.layers import Block, LayerNorm, init_weights, separable_pos_embed
+
+
+def decoder_tables(cfg: MAEConfig) -> dict:
+    """{name: shape} of the decoder's position tables and cls token in the config's layout."""
+    t, h, w = cfg.grid
+    dec = cfg.decoder_embed_dim
+    if cfg.decoder_pos_embed == "separable":
+        tables = dict(decoder_pos_embed_spatial=(1, h * w, dec), decoder_pos_embed_temporal=(1, t, dec),
+                      decoder_pos_embed_class=(1, 1, dec))
+    else:
+        tables = dict(decoder_pos_embed=(1, 1 + t * h * w, dec))
+    if cfg.decoder_cls == "learned":
+        tables["decoder_cls_token"] = (1, 1, dec)
+    return tables
 
 
 class MaskedAutoencoder(VideoViT):
@@ -29,40 +43,14 @@ class MaskedAutoencoder(VideoViT):
         )
         self.decoder_norm = LayerNorm(dec)
         self.decoder_pred = nn.Linear(dec, cfg.patch_dim)
-        self._build_decoder_tables()
+        # the decoder's position tables and cls input, as the official layout has them (config.py: mae_st's
+        # separable tables and learned cls token, or SlowFast's joint table and the encoder's cls output)
+        for name, shape in decoder_tables(cfg).items():
+            setattr(self, name, nn.Parameter(nn.init.trunc_normal_(torch.zeros(shape), std=0.02)))
+        self.register_buffer("target_frame_ids", torch.tensor(cfg.target_frame_indices), persistent=False)
         init_weights(self, trunc=cfg.trunc_init)
         self.init_tokens()
         nn.init.normal_(self.mask_token, std=0.02)
-
-    # --- the two official decoder layouts ------------------------------------------------------------------------
-
-    def _build_decoder_tables(self) -> None:
-        """Decoder position embeddings and cls input as the config's layout has them (mae_st or SlowFast)."""
-        cfg, dec = self.cfg, self.cfg.decoder_embed_dim
-        t, h, w = cfg.grid
-        for name in ("decoder_pos_embed", "decoder_pos_embed_spatial", "decoder_pos_embed_temporal",
-                     "decoder_pos_embed_class", "decoder_cls_token"):
-            if hasattr(self, name):
-                delattr(self, name)
-        like = dict(device=self.mask_token.device, dtype=self.mask_token.dtype)
-        if cfg.decoder_pos_embed == "separable":
-            tables = dict(decoder_pos_embed_spatial=(1, h * w, dec), decoder_pos_embed_temporal=(1, t, dec),
-                          decoder_pos_embed_class=(1, 1, dec))
-        else:
-            tables = dict(decoder_pos_embed=(1, 1 + t * h * w, dec))
-        if cfg.decoder_cls == "learned":
-            tables["decoder_cls_token"] = (1, 1, dec)
-        for name, shape in tables.items():
-            setattr(self, name, nn.Parameter(nn.init.trunc_normal_(torch.zeros(shape, **like), std=0.02)))
-        for block in self.decoder_blocks:
-            block.attn.num_heads = cfg.decoder_heads
-        frames = torch.tensor(cfg.target_frame_indices, device=like["device"])
-        self.register_buffer("target_frame_ids", frames, persistent=False)
-
-    def use_layout(self, **layout) -> None:
-        """Switch to another decoder layout (e.g. config.SLOWFAST_LAYOUT) before loading its weights."""
-        self.cfg = with_options(self.cfg, **layout)
-        self._build_decoder_tables()
 
     def decoder_position_table(self) -> torch.Tensor:
         """[1, 1+L, D_dec]: the cls entry first, then the tokens in time-major order."""

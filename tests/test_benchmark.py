@@ -6,7 +6,7 @@ import pytest
 
 from conftest import make_shards
 from tools import benchmark
-from tools.gpu_projection import projection
+from tools.bench.gpu_projection import projection
 
 
 def test_json_holds_measurements_ratios_and_machine(tmp_path):

@@ -19,9 +19,9 @@ from conftest import read_index, write_video
 from dali_pipes.shard_format import read_manifest, unpack_info
 from tools import build_shards
 from tools.build_shards import prepare_all
-from tools.clip_prep import PrepOptions, SkipClip, prepare_clip
-from tools.shard_writer import lock_output
-from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
+from tools.shard_building.clip_prep import PrepOptions, SkipClip, prepare_clip
+from tools.shard_building.shard_writer import lock_output
+from tools.shard_building.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

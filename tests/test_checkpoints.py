@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_classifier, build_pretrain_model, export_state_dict, load_pretrained, save_as
+from models import build_classifier, build_pretrain_model, checkpoint_layout, export_state_dict, load_pretrained
+from trainer.checkpointing import write_checkpoint
 from models.checkpoints import CheckpointMismatchError, from_ours, read_state_dict, to_ours
 from models.config import SLOWFAST_LAYOUT
 
@@ -63,13 +64,17 @@ def test_every_official_manifest_loads(name):
     info = manifest(name)
     is_pretrain = "_pt_" in name or "pretrain" in name
     device = "cpu" if name.endswith("_b") else "meta"
-    with torch.device(device):
-        # built with our defaults (mae_st layout): a SlowFast file must switch the model to its layout
-        build = build_pretrain_model if is_pretrain else build_classifier
-        model = build("vit_b", **official_overrides(info))
     state = manifest_state(info, device)
-    report = load_pretrained(model, {"model_state" if "slowfast" in name else "model": state})
-    assert sum(p.numel() for p in model.parameters()) == info["num_params"]  # now in the file's exact layout
+    checkpoint = {"model_state" if "slowfast" in name else "model": state}
+    with torch.device(device):
+        if is_pretrain:  # the model is built in the file's decoder layout, read from the file
+            layout = checkpoint_layout(checkpoint)
+            assert layout["decoder_pos_embed"] == ("joint" if "slowfast" in name else "separable")
+            model = build_pretrain_model("vit_b", **official_overrides(info), **layout)
+        else:
+            model = build_classifier("vit_b", **official_overrides(info))
+    report = load_pretrained(model, checkpoint)
+    assert sum(p.numel() for p in model.parameters()) == info["num_params"]  # the file's exact layout
     assert report.source_format == ("slowfast" if "slowfast" in name else "mae_st")
     assert report.fresh == [] and report.ignored == []
     if is_pretrain:  # decoder heads are not in the file: mae_st's command line says 16, SlowFast's code 512 / 64
@@ -131,10 +136,13 @@ def test_round_trip_through_a_file_gives_identical_outputs(tmp_path, fmt, layout
     torch.manual_seed(0)
     model = build_pretrain_model("vit_tiny", **layout).eval()
     path = tmp_path / "ckpt.pth"
-    save_as(export_state_dict(model, fmt), str(path), fmt, epoch=3)
+    write_checkpoint(export_state_dict(model, fmt), str(path), fmt, epoch=3)
     assert list(torch.load(path, weights_only=True))[0] == {"slowfast": "model_state"}.get(fmt, "model")
     torch.manual_seed(1)
-    fresh = build_pretrain_model("vit_tiny").eval()  # mae_st layout: a SlowFast file switches it
+    if layout:  # a model of the other layout is refused, with how to build the right one
+        with pytest.raises(CheckpointMismatchError, match=r"build the model with it.*decoder_pos_embed='joint'"):
+            load_pretrained(build_pretrain_model("vit_tiny"), str(path))
+    fresh = build_pretrain_model("vit_tiny", **checkpoint_layout(str(path))).eval()
     report = load_pretrained(fresh, str(path))
     assert report.source_format == fmt
     x, noise = torch.randn(2, 3, 8, 32, 32), torch.rand(2, 64)
@@ -203,7 +211,7 @@ def test_converter_cli(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = build_pretrain_model("vit_tiny", **SLOWFAST_LAYOUT)
-    save_as(export_state_dict(model, "slowfast"), str(tmp_path / "sf.pyth"), "slowfast")
+    write_checkpoint(export_state_dict(model, "slowfast"), str(tmp_path / "sf.pyth"), "slowfast")
     assert main([str(tmp_path / "sf.pyth"), str(tmp_path / "enc.pth"), "--to", "mae_st", "--encoder-only"]) == 0
     assert "slowfast format" in capsys.readouterr().out
     encoder, fmt = read_state_dict(str(tmp_path / "enc.pth"))

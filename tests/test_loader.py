@@ -11,10 +11,11 @@ import torch
 
 from conftest import make_shards, read_index, write_video
 from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
-from dali_pipes.decoder_choice import choose_decoder
+from dali_pipes.decoders import choose_decoder
+from dali_pipes.decoders.base import HostDecoder
 from dali_pipes.shard_format import pack_info
 from dali_pipes.normalization import MEAN, STD
-from tools.shard_writer import ShardWriter
+from tools.shard_building.shard_writer import ShardWriter
 
 @pytest.fixture(scope="module")
 def vp9_shards(tmp_path_factory):
@@ -138,15 +139,19 @@ def test_state_dict_resumes_at_the_next_batch(vp9_shards):
 
 
 def test_decoder_choice():
-    assert choose_decoder("auto", {"h264": 5}, has_gpu=True)[0] == "dali-gpu"
-    assert choose_decoder("auto", {"vp9": 5, "mjpeg": 1}, has_gpu=False)[0] == "dali-cpu"
+    assert choose_decoder("auto", {"h264": 5}, has_gpu=True)[0].name == "dali-gpu"
+    assert choose_decoder("auto", {"vp9": 5, "mjpeg": 1}, has_gpu=False)[0].name == "dali-cpu"
     decoder, why = choose_decoder("auto", {"h264": 5, "vp9": 1}, has_gpu=False)
-    assert decoder == "pyav" and "h264" in why
-    assert choose_decoder("pyav", {"vp9": 1}, has_gpu=True) == ("pyav", "requested")
+    assert decoder.name == "pyav" and "dali-cpu cannot read ['h264']" in why
+    assert choose_decoder("auto", {"prores": 5}, has_gpu=True)[0].name == "pyav"  # NVDEC does not read everything
+    decoder, why = choose_decoder("pyav", {"vp9": 1}, has_gpu=True)
+    assert (decoder.name, why) == ("pyav", "requested")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         choose_decoder("dali-gpu", {"vp9": 1}, has_gpu=False)
     with pytest.raises(ValueError, match="use decoder='pyav'"):
         choose_decoder("dali-cpu", {"hevc": 1}, has_gpu=False)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        choose_decoder("nvdec", {"hevc": 1}, has_gpu=False)
 
 
 def test_pyav_path_reads_h264_shards(tmp_path, caplog):
@@ -154,7 +159,7 @@ def test_pyav_path_reads_h264_shards(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dali_pipes"):
         loader = build_pretrain_loader(shards, batch_size=2, repeats=1, num_frames=5, stride=3, crop_size=48,
                                        scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), flip=False)
-    assert loader.decoder == "pyav" and "DALI's CPU decoder cannot read ['h264']" in caplog.text
+    assert loader.decoder.name == "pyav" and "dali-cpu cannot read ['h264']" in caplog.text
     for batch in loader:
         for clip in pixels(batch["video"]):
             indices = [read_index(f) for f in clip]
@@ -199,7 +204,7 @@ def test_eval_views_positions(tmp_path):
 def test_finetune_loader_with_rand_augment(vp9_shards):
     loader = build_finetune_loader(vp9_shards, batch_size=2, num_frames=4, crop_size=24)
     batch = next(iter(loader))
-    assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.spec.scale == (0.08, 1.0)
+    assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.config.views.spec.scale == (0.08, 1.0)
 
 
 def test_bad_arguments_fail_early_and_clearly(tmp_path, vp9_shards):
@@ -310,7 +315,7 @@ def test_damaged_shards_are_named_and_can_be_left_out(tmp_path, vp9_shards, capl
 def test_phone_videos_come_out_upright(tmp_path, codec, build):
     """A clip stored 64x48 with a 90-degree flag is displayed 48x64: copy shards record the flag and the loader
     turns the views (after the crop, on the small square); re-encoded shards hold upright pixels already."""
-    from dali_pipes.pyav_decoder import decode_frames
+    from dali_pipes.decoders.pyav import decode_frames
     from tools import build_shards
 
     os.makedirs(tmp_path / "videos" / "c0")
@@ -344,3 +349,24 @@ def unpack_info_of(shards) -> dict:
     with tarfile.open(next(shards.glob("train-*.tar"))) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".info"))
         return unpack_info(tar.extractfile(member).read())
+
+
+class ConstantFrames(HostDecoder):
+    """A toy backend written outside dali_pipes: every frame mid-grey, whatever the clip."""
+
+    name = "constant"
+
+    def frames(self, encoded, indices):
+        return np.full((len(indices), 48, 64, 3), 100, np.uint8)
+
+
+def test_a_new_decoder_backend_plugs_in_without_touching_the_loader(vp9_shards):
+    loader = build_pretrain_loader(vp9_shards, batch_size=2, repeats=2, num_frames=4, crop_size=16,
+                                   decoder=ConstantFrames())
+    assert loader.decoder.name == "constant"
+    seen = 0
+    for batch in loader:
+        assert batch["video"].shape == (4, 3, 4, 16, 16)
+        assert np.all(np.abs(pixels(batch["video"]).astype(int) - 100) <= 1)
+        seen += 1
+    assert seen == len(loader) == 6

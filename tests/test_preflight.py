@@ -102,7 +102,7 @@ def test_dali_errors_are_summarised_and_a_missing_nvdec_is_explained(tmp_path):
 
     loader = build_pretrain_loader(make_shards(tmp_path, n=2), batch_size=2, repeats=1, num_frames=4, crop_size=16)
     with pytest.raises(RuntimeError) as err:  # (the message alone decides: the batch is not even looked at)
-        loader._repair(None, RuntimeError(NVDEC_MISSING))
+        loader.repair.repair(None, RuntimeError(NVDEC_MISSING))
     assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility,video" in str(err.value) and "decoder=pyav" in str(err.value)
     assert "Failed to load libnvcuvid.so" in str(err.value)
     assert NVDEC_HELP in str(err.value)
@@ -195,7 +195,7 @@ def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeyp
 
 
 def test_the_shards_check_knows_what_nvdec_decodes_and_what_hd_costs(tmp_path):
-    from tools.preflight_checks import check_shards
+    from tools.checks.preflight import check_shards
 
     def manifest(formats, short_side):
         (tmp_path / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"train": {

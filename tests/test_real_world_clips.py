@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from conftest import read_index, write_cut_clip, write_video
-from dali_pipes.pyav_decoder import decode_frames
+from dali_pipes.decoders.pyav import decode_frames
 from dali_pipes.shard_format import RECOMMENDED_SHORT_SIDE, VIDEO_EXTS, read_manifest, unpack_info
 from tools import build_shards
 

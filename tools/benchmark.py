@@ -27,7 +27,7 @@ import signal
 import statistics
 import sys
 
-from tools.gpu_projection import ACCELERATORS, print_projection, projection
+from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {
@@ -87,33 +87,33 @@ def measure(name: str, target: str, cfg: dict, views: int = 1, **kwargs) -> dict
 
 
 def mode_loader(cfg):
-    from tools.bench_loaders import available_decoders
+    from tools.bench.loaders import available_decoders
 
-    return [measure(f"loader {decoder} R={r}", "tools.bench_loaders:measure_loader", cfg, r, decoder=decoder,
+    return [measure(f"loader {decoder} R={r}", "tools.bench.loaders:measure_loader", cfg, r, decoder=decoder,
                     repeats=r) for decoder in available_decoders(cfg) for r in (1, 2, 4)]
 
 
 def mode_baselines(cfg):
-    return [measure(f"baseline {name} R=4", "tools.bench_loaders:measure_baseline", cfg, 4, whole_video=whole,
+    return [measure(f"baseline {name} R=4", "tools.bench.loaders:measure_baseline", cfg, 4, whole_video=whole,
                     repeats=4) for name, whole in (("hand-written torch", False), ("mae_st-style", True))]
 
 
 def mode_decode_limit(cfg):
-    from tools.bench_loaders import available_decoders
+    from tools.bench.loaders import available_decoders
 
-    return [measure(f"decode-limit {decoder}", "tools.bench_loaders:measure_decode_limit", cfg, decoder=decoder)
+    return [measure(f"decode-limit {decoder}", "tools.bench.loaders:measure_decode_limit", cfg, decoder=decoder)
             for decoder in available_decoders(cfg)]
 
 
 def mode_model(cfg):
     size, batch = cfg["model"], cfg["model_batch"]
-    return [measure(f"model {size} step {attn} M={m}", "tools.bench_model:measure_model_step", cfg, m, size=size,
+    return [measure(f"model {size} step {attn} M={m}", "tools.bench.model:measure_model_step", cfg, m, size=size,
                     batch=batch, attn_impl=attn, mask_repeats=m)
             for attn, m in (("sdpa", 1), ("math", 1), ("sdpa", 4))]
 
 
 def mode_e2e(cfg):
-    return [measure(f"e2e trainer {cfg['e2e_recipe']}", "tools.bench_model:measure_e2e", cfg,
+    return [measure(f"e2e trainer {cfg['e2e_recipe']}", "tools.bench.model:measure_e2e", cfg,
                     recipe=cfg["e2e_recipe"], ds_config=os.path.join(ROOT, cfg["e2e_ds_config"]),
                     steps=cfg["e2e_steps"])]
 

@@ -27,10 +27,10 @@ from concurrent.futures.process import BrokenProcessPool
 from tqdm import tqdm
 
 from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info
-from tools.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
-from tools.atomic_files import atomic_write_text
-from tools.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
-from tools.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
+from tools.shard_building.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
+from trainer.atomic_files import atomic_write_text
+from tools.shard_building.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
+from tools.shard_building.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
 
 TOOL_VERSION = "1.1"  # 1.1: true frame counts, canonical codec names, rotation, pix_fmt: a rerun must not mix in 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>; man 2 prctl: the signal a process gets when the thread that forked it dies

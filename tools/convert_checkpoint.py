@@ -7,24 +7,24 @@
 import argparse
 import sys
 
-from models.checkpoints import (FORMATS, PRETRAIN_ONLY_PREFIXES, from_ours, infer_options, read_state_dict, save_as,
-                                to_ours)
+from models.checkpoints import FORMATS, PRETRAIN_ONLY_PREFIXES, from_ours, infer_options, read_state_dict, to_ours
+from trainer.checkpointing import read_weights, write_checkpoint
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="checkpoint file in any of the formats")
+    parser.add_argument("source", help="checkpoint file in any of the formats, or a run folder / DeepSpeed checkpoint")
     parser.add_argument("dest", help="output file")
     parser.add_argument("--to", choices=FORMATS, default="mae_st", help="output format (default: mae_st)")
     parser.add_argument("--encoder-only", action="store_true", help="drop the MAE decoder (for fine-tuning)")
     args = parser.parse_args(argv)
     try:
-        state, fmt = read_state_dict(args.source)
+        state, fmt = read_state_dict(read_weights(args.source))
         ours = to_ours(state, fmt)
         if args.encoder_only:
             ours = {k: v for k, v in ours.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
         converted = from_ours(ours, args.to)
-        save_as(converted, args.dest, args.to)
+        write_checkpoint(converted, args.dest, args.to)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

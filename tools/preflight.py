@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script (python tools/preflight.py, or by the deepspeed launcher)
     sys.path.insert(0, ROOT)
 
-from tools.preflight_checks import FAIL, PASS, SKIP, WARN, Check, guarded  # noqa: E402
+from tools.checks.preflight import FAIL, PASS, SKIP, WARN, Check, guarded  # noqa: E402
 
 ORDER = {FAIL: 3, WARN: 2, PASS: 1, SKIP: 0}
 
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from dali_pipes.decoder_choice import choose_decoder, gpu_available
+    from dali_pipes.decoders import choose_decoder, gpu_available
     from dali_pipes.shard_format import read_manifest
-    from tools import preflight_checks as checks
+    from tools.checks import preflight as checks
     from trainer.engine import init_distributed, load_ds_config
     from trainer.recipes import check_recipe, resolve_recipe
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     results.append(guarded("NVDEC", checks.check_nvdec, env.device))
     codecs = manifest["splits"].get(recipe.split, {}).get("codecs", {})
     try:
-        decoder = choose_decoder(recipe.decoder, codecs, env.device.type == "cuda" and gpu_available())[0]
+        decoder = choose_decoder(recipe.decoder, codecs, env.device.type == "cuda" and gpu_available())[0].name
     except ValueError as err:
         decoder = None
         results.append(Check("host decoder", FAIL, str(err), "choose another decoder= or rebuild the shards"))

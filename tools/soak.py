@@ -41,7 +41,7 @@ def soak_shards(folder: str, clips: int = 24) -> str:
     import av
 
     from dali_pipes.shard_format import pack_info
-    from tools.shard_writer import ShardWriter
+    from tools.shard_building.shard_writer import ShardWriter
 
     out = os.path.join(folder, "shards")
     writer = ShardWriter(out, "train", max_bytes=10**9, max_count=8)

@@ -1,5 +1,7 @@
 """Checkpoints of a run: DeepSpeed's (weights, optimizer, schedule) plus each rank's loader position and RNG states,
-an atomic `latest` pointer that moves only once a checkpoint is whole, and an fp32 export in mae_st's format.
+an atomic `latest` pointer that moves only once a checkpoint is whole, and an fp32 export in mae_st's format. The
+one place that knows the run folder's checkpoints and DeepSpeed's ZeRO files (read_weights turns them into plain
+weights for loading elsewhere).
 
     RUN_DIR/checkpoints/latest                  the tag of the newest whole checkpoint
     RUN_DIR/checkpoints/step00001000/           DeepSpeed's files, meta.json, rank00000.pt, rank00001.pt, ...
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tools.atomic_files import atomic_write_text
+from models.checkpoints import from_ours, to_container
+from trainer.atomic_files import atomic_file, atomic_write_text
 
 log = logging.getLogger("trainer")
 
@@ -118,8 +121,8 @@ class Checkpointer:
         engine.save_checkpoint(self.dir, tag=tag, client_state={"step": step}, save_latest=False)
         folder = os.path.join(self.dir, tag)
         own = os.path.join(folder, f"rank{self.env.rank:05d}.pt")
-        torch.save({"loader": loader.state_dict(), "rng": rng_state(self.env.device), "step": step}, f"{own}.tmp")
-        os.replace(f"{own}.tmp", own)
+        with atomic_file(own) as f:
+            torch.save({"loader": loader.state_dict(), "rng": rng_state(self.env.device), "step": step}, f)
         dist.barrier()
         if self.env.is_main:
             stage = engine.zero_optimization_stage()
@@ -142,7 +145,30 @@ class Checkpointer:
         """fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards, in mae_st's format (rank 0 only)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from models.checkpoints import from_ours, save_as
-
         state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
-        save_as(from_ours(state, "mae_st"), path, "mae_st", epoch=epoch)
+        write_checkpoint(from_ours(state, "mae_st"), path, "mae_st", epoch=epoch)
+
+
+def write_checkpoint(state, path: str, fmt: str, **extra) -> None:
+    """An already-converted state dict written whole in its format's file (mae_st 'model', SlowFast 'model_state')."""
+    with atomic_file(path) as f:
+        torch.save(to_container(state, fmt, **extra), f)
+
+
+def read_weights(source):
+    """What load_pretrained / read_state_dict take: a file path or dict as given; a run folder, its checkpoints/
+    folder or one DeepSpeed checkpoint folder as the fp32 weights consolidated from ZeRO's shards."""
+    if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
+        return source
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = str(source)
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        folder = os.path.join(folder, "checkpoints")
+    if os.path.exists(os.path.join(folder, "latest")):
+        return get_fp32_state_dict_from_zero_checkpoint(folder)
+    parent, tag = os.path.split(os.path.normpath(folder))
+    if not os.path.exists(os.path.join(folder, "mp_rank_00_model_states.pt")):
+        raise ValueError(f"{folder} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt, "
+                         "no latest, no checkpoints/)")
+    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)

@@ -15,13 +15,14 @@ import sys
 
 import torch.nn.functional as F
 
-from dali_pipes import build_eval_loader, build_finetune_loader
-from dali_pipes.shard_set import open_shard_set
+from dali_pipes import VideoLoader
 from models import VideoClassifier, classifier_macs, load_pretrained
 from models.config import ClassifierConfig, resolve_config
 from trainer.batch_augment import mixup_cutmix, random_erasing
+from trainer.checkpointing import read_weights
+from trainer.data import eval_config
 from trainer.evaluate import evaluate, write_report
-from trainer.pretrain import check_model_fits_data, loader_threads
+from trainer.pretrain import check_model_fits_data
 from trainer.recipes import FINETUNE_RECIPES
 from trainer.run import Task, main
 
@@ -57,7 +58,11 @@ class Finetuning(Task):
     def from_args(cls, args):
         return cls(args.pretrained, args.eval_only)
 
-    def model_config(self, recipe, label_map):
+    def model_config(self, recipe, manifest):
+        if recipe.eval_split not in manifest["splits"]:  # fail now, not after training
+            raise ValueError(f"the shards have no {recipe.eval_split!r} split to test on (they have "
+                             f"{sorted(manifest['splits'])}): set eval_split=...")
+        label_map = manifest["label_map"]
         self.class_names = {index: name for name, index in label_map.items()}
         self.num_classes = recipe.num_classes or len(label_map)
         cfg = resolve_config(ClassifierConfig, recipe.model, num_classes=self.num_classes,
@@ -69,27 +74,10 @@ class Finetuning(Task):
         model = VideoClassifier(cfg)
         source = self.pretrained or recipe.init_from
         if source:
-            log.info("pretrained weights %s: %s", source, load_pretrained(model, source))
+            log.info("pretrained weights %s: %s", source, load_pretrained(model, read_weights(source)))
         elif env.is_main:
             log.warning("no --pretrained weights: training from a random initialization")
         return model
-
-    def build_loader(self, recipe, data, env, micro_batch, dtype):
-        open_shard_set(data, recipe.eval_split)  # fail now, not after training, if the test split is missing
-        self.eval_options = dict(num_frames=recipe.num_frames, stride=recipe.stride, crop_size=recipe.crop_size,
-                                 rank=env.rank, world_size=env.world_size, decoder=recipe.decoder,
-                                 split=recipe.eval_split, target_fps=recipe.target_fps, device=env.device,
-                                 dtype=dtype, num_threads=loader_threads(recipe, env),
-                                 decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
-            dont_use_mmap=recipe.dont_use_mmap)
-        self.micro_batch = micro_batch
-        return build_finetune_loader(
-            data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
-            crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
-            decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            rand_augment=recipe.rand_augment, device=env.device, dtype=dtype, num_threads=loader_threads(recipe, env),
-            decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
-            dont_use_mmap=recipe.dont_use_mmap)
 
     def loss(self, engine, batch, recipe):
         video = random_erasing(batch["video"], recipe.random_erasing)
@@ -108,9 +96,7 @@ class Finetuning(Task):
         """Multi-view accuracy on the eval split (clips x crops views per video)."""
         key = (clips, crops)
         if key not in self.eval_loaders:
-            self.eval_loaders[key] = build_eval_loader(
-                run.args.data, batch_size=max(1, self.micro_batch // (clips * crops)), num_clips=clips,
-                num_crops=crops, **self.eval_options)
+            self.eval_loaders[key] = VideoLoader(eval_config(run.loader.config, run.recipe.eval_split, clips, crops))
         run.engine.eval()
         report = evaluate(lambda video: run.engine(video), self.eval_loaders[key], self.class_names)
         run.engine.train()

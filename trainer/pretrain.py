@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 
-from dali_pipes import build_pretrain_loader
-from models import MaskedAutoencoder, load_pretrained, pretrain_macs
-from models.config import MAEConfig, resolve_config
+from models import MaskedAutoencoder, checkpoint_layout, load_pretrained, pretrain_macs
+from models.config import MAEConfig, resolve_config, with_options
+from trainer.checkpointing import read_weights
 from trainer.recipes import PRETRAIN_RECIPES
 from trainer.run import Task, main
 from trainer.visualize import reconstruction_grid
@@ -29,11 +29,6 @@ def check_model_fits_data(model_cfg, recipe) -> None:
                          "model.num_frames/model.img_size to agree")
 
 
-def loader_threads(recipe, env) -> int:
-    """The recipe's, or this process's share of the cores it may run on."""
-    return recipe.loader_threads or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
-
-
 class Pretraining(Task):
     recipes = PRETRAIN_RECIPES
     description = __doc__
@@ -41,25 +36,18 @@ class Pretraining(Task):
     def __init__(self):
         self.picture = None
 
-    def model_config(self, recipe, label_map):
+    def model_config(self, recipe, manifest):
         cfg = resolve_config(MAEConfig, recipe.model, **recipe.model_options)
         check_model_fits_data(cfg, recipe)
+        if recipe.init_from:  # a SlowFast file's decoder has SlowFast's layout: the model is built with it
+            cfg = with_options(cfg, **checkpoint_layout(read_weights(recipe.init_from)))
         return cfg
 
     def build_model(self, recipe, cfg, env):
         model = MaskedAutoencoder(cfg)
         if recipe.init_from:
-            log.info("initial weights: %s", load_pretrained(model, recipe.init_from))
+            log.info("initial weights: %s", load_pretrained(model, read_weights(recipe.init_from)))
         return model
-
-    def build_loader(self, recipe, data, env, micro_batch, dtype):
-        return build_pretrain_loader(
-            data, batch_size=micro_batch, repeats=recipe.repeats, num_frames=recipe.num_frames, stride=recipe.stride,
-            crop_size=recipe.crop_size, rank=env.rank, world_size=env.world_size, seed=recipe.seed,
-            decoder=recipe.decoder, split=recipe.split, target_fps=recipe.target_fps, scale=recipe.scale,
-            device=env.device, dtype=dtype, num_threads=loader_threads(recipe, env),
-            decode_pipelines=recipe.decode_pipelines, skip_damaged_shards=recipe.skip_damaged_shards,
-            dont_use_mmap=recipe.dont_use_mmap)
 
     def loss(self, engine, batch, recipe):
         loss, pred, mask = engine(batch["video"], mask_ratio=recipe.mask_ratio, mask_repeats=recipe.mask_repeats)

@@ -209,11 +209,11 @@ _RULES = {
 
 def check_recipe(recipe) -> None:
     """Every value within its allowed range, or one ValueError naming each bad one and what it may be."""
-    from dali_pipes.decoder_choice import DECODERS  # (the loader's choice, without importing DALI)
+    from dali_pipes.decoders import DECODER_NAMES
 
     problems = [f"{name}={getattr(recipe, name)!r} (must be {allowed})" for name, (test, allowed) in _RULES.items()
                 if hasattr(recipe, name) and not test(getattr(recipe, name))]
-    if recipe.decoder not in DECODERS:
-        problems.append(f"decoder={recipe.decoder!r} (must be one of {', '.join(DECODERS)})")
+    if recipe.decoder not in DECODER_NAMES:
+        problems.append(f"decoder={recipe.decoder!r} (must be one of {', '.join(DECODER_NAMES)})")
     if problems:
         raise ValueError("invalid recipe values: " + "; ".join(problems))

@@ -4,7 +4,8 @@ loader, the loss and what happens around it.
 
 Set-up order, each step taking only what the steps before it produced:
   recipe and model options checked (no heavy start for a typo) -> package versions -> distributed processes ->
-  run folder (shared by every rank?) -> ds_config -> memory plan (recompute or not) -> loader -> model ->
+  run folder (shared by every rank?) -> ds_config -> memory plan (recompute or not) -> loader (its config made
+  from the recipe: trainer/data.py) -> model ->
   resume plan (may switch the ds_config to DeepSpeed's universal format) -> engine -> resume -> monitor.
 """
 
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 
 from dali_pipes.shard_format import read_manifest
+from dali_pipes import VideoLoader
 from trainer.checkpointing import Checkpointer
+from trainer.data import loader_config
 from trainer.device_peak import device_peak_flops
 from trainer.engine import ConfigConflict, build_engine, init_distributed, load_ds_config
 from trainer.host_readback import HostReadback
@@ -50,14 +53,11 @@ class Task:
     def from_args(cls, args: argparse.Namespace) -> "Task":
         return cls()
 
-    def model_config(self, recipe, label_map: dict):
-        """The model's configuration (validated, no weights yet)."""
+    def model_config(self, recipe, manifest: dict):
+        """The model's configuration (validated, no weights yet), for data described by its manifest."""
         raise NotImplementedError
 
     def build_model(self, recipe, cfg, env):
-        raise NotImplementedError
-
-    def build_loader(self, recipe, data: str, env, micro_batch: int, dtype):
         raise NotImplementedError
 
     def views_per_clip(self, recipe) -> int:
@@ -126,7 +126,7 @@ class Run:
                                                      task.views_per_clip(recipe), device_capacity(self.env.device))
         _seed_everything(recipe.seed + self.env.rank)
 
-        self.loader = task.build_loader(recipe, args.data, self.env, self.micro, self.dtype)
+        self.loader = VideoLoader(loader_config(recipe, args.data, self.env, self.micro, self.dtype))
         self.model = task.build_model(recipe, model_cfg, self.env)
         self.steps_per_epoch = len(self.loader) / self.accum
         self.total_steps = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
@@ -154,7 +154,7 @@ class Run:
                     "data": self.args.data, "world_size": self.env.world_size, "device": str(self.env.device),
                     "dtype": str(self.dtype), "clips_per_step": self.clips_per_step, "lr": self.lr,
                     "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                    "stop_at": self.stop_at, "model": asdict(self.model.cfg), "loader_decoder": self.loader.decoder,
+                    "stop_at": self.stop_at, "model": asdict(self.model.cfg), "loader_decoder": self.loader.decoder.name,
                     "memory": self.memory_note, "peak_flops": peak}
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -327,7 +327,7 @@ def prepare(task_type: type[Task], argv=None):
     recipe = resolve_recipe(task_type.recipes, args.recipe, args.overrides)
     check_recipe(recipe)
     task = task_type.from_args(args)
-    model_cfg = task.model_config(recipe, read_manifest(args.data)["label_map"])
+    model_cfg = task.model_config(recipe, read_manifest(args.data))
     require_versions()
     return task, args, recipe, model_cfg
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-from tools.bench_loaders import time_calls
+from tools.bench.loaders import time_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

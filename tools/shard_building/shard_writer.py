@@ -16,7 +16,7 @@ import webdataset as wds
 from wds2idx import IndexCreator  # DALI's own index builder (installed with nvidia-dali)
 
 from dali_pipes.shard_format import index_name, shard_name
-from tools.atomic_files import atomic_write_text
+from trainer.atomic_files import atomic_write_text
 
 STATE_DIR = ".state"
 LOCK = "lock"

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dali_pipes.nvdec_support import unsupported_formats
+from dali_pipes.decoders.nvdec import unsupported_formats
 from dali_pipes.shard_format import CPU_DECODABLE, RECOMMENDED_SHORT_SIDE, read_manifest
-from tools.gpu_projection import ACCELERATORS, nvdec_clips_per_s, projection
+from tools.bench.gpu_projection import ACCELERATORS, nvdec_clips_per_s, projection
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 NO_GPU = "skipped (no GPU)"
@@ -145,7 +145,7 @@ def decode_probe(decoder: str, device_id) -> list[int]:
     codec = "libvpx-vp9" if decoder == "dali-cpu" else "libx264"
     data = np.frombuffer(indexed_clip(codec), np.uint8)
     if decoder == "pyav":
-        from dali_pipes.pyav_decoder import decode_frames
+        from dali_pipes.decoders.pyav import decode_frames
 
         return read_indices(decode_frames(data, wanted))
 
@@ -322,7 +322,7 @@ def loader_rate(loader, batches: int, warmup: int = 2) -> float:
         batch = next(stream)
     if batch["video"].is_cuda:
         torch.cuda.synchronize(batch["video"].device)
-    return batches * loader.batch_size / (time.perf_counter() - start)
+    return batches * loader.config.batch_size / (time.perf_counter() - start)
 
 
 def check_timed_run(task, args: Namespace, recipe, model_cfg, env, steps: int, ds_config: dict) -> Check:
@@ -371,11 +371,11 @@ def check_timed_run(task, args: Namespace, recipe, model_cfg, env, steps: int, d
     figures = {"steps": steps, "clips_per_s_per_gpu": median("clips_per_s_per_device"),
                "views_per_s_per_gpu": median("views_per_s_per_device"), "mfu": median("mfu"),
                "data_wait_share": median("data_wait_share"), "loader_alone_clips_per_s": alone,
-               "decoder": run.loader.decoder}
+               "decoder": run.loader.decoder.name}
     summary = (f"measured over {steps} steps: {figures['clips_per_s_per_gpu']:.1f} clips/s per "
                f"{'GPU' if env.device.type == 'cuda' else 'process'} ({figures['views_per_s_per_gpu']:.1f} views/s), "
                f"MFU {100 * figures['mfu']:.1f}%, waiting for data {100 * figures['data_wait_share']:.0f}% of the "
-               f"time; the loader alone ({run.loader.decoder}) {alone:.1f} clips/s")
+               f"time; the loader alone ({run.loader.decoder.name}) {alone:.1f} clips/s")
     gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
     accelerator = next((name for name in ACCELERATORS if name in gpu), None) or "H100"
     if recipe.model in ("vit_b", "vit_l", "vit_h"):

@@ -38,7 +38,9 @@ SKIP_REASONS = {
 
 ENCODERS = {  # codec -> (PyAV encoder, pixel format, options): fast settings; the source was lossy already
     "h264": ("libx264", "yuv420p", {"preset": "veryfast", "crf": "23", "bf": "0"}),
-    "vp9": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "crf": "32", "b": "0"}),
+    # cpu-used -8: a fixed speed; at +8 libvpx's realtime mode adapts its speed to how long encoding takes, and two
+    # builds of the same clips came out different when the machine was busy (seen with --workers 2)
+    "vp9": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "-8", "row-mt": "1", "crf": "32", "b": "0"}),
     "mjpeg": ("mjpeg", "yuvj420p", {}),
 }
 CODECS = ("copy", *ENCODERS)

@@ -1,14 +1,13 @@
-"""Decoding the needed frames of a clip with PyAV: the CPU path for codecs DALI 2.4 decodes only on a GPU
-(H.264, HEVC, AV1). Seeks to the keyframe before the first needed frame and stops after the last one."""
+"""PyAV (FFmpeg) on the host: the CPU path for codecs DALI 2.4 decodes only on a GPU (H.264, HEVC, AV1, MPEG-4),
+and the fallback for any codec or container NVDEC does not take. Seeks to the keyframe before the first needed
+frame and stops after the last one; the loader decodes a batch's clips in parallel threads."""
 
 import io
 
 import av
 import numpy as np
 
-
-class UndecodableVideo(Exception):
-    pass
+from dali_pipes.decoders.base import HostDecoder, UndecodableVideo
 
 
 def decode_frames(data: np.ndarray | bytes, indices: np.ndarray) -> np.ndarray:
@@ -37,3 +36,10 @@ def decode_frames(data: np.ndarray | bytes, indices: np.ndarray) -> np.ndarray:
     decoded = sorted(got)  # a frame the stream lacks (variable rate, short tail) takes its nearest decoded one
     nearest = [decoded[min(np.searchsorted(decoded, i), len(decoded) - 1)] for i in indices]
     return np.stack([got[i] for i in nearest])
+
+
+class PyAVDecoder(HostDecoder):
+    name = "pyav"
+
+    def frames(self, encoded, indices):
+        return decode_frames(encoded, indices)

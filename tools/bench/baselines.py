@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from dali_pipes.pyav_decoder import decode_frames
+from dali_pipes.decoders.pyav import decode_frames
 from dali_pipes.sampling import ViewSpec, plan_train_sample
 from dali_pipes.shard_format import VIDEO_EXTS, unpack_info
 from dali_pipes.normalization import MEAN, STD

@@ -40,7 +40,7 @@ def measure_loader(cfg: dict, decoder: str, repeats: int) -> dict:
 def measure_baseline(cfg: dict, whole_video: bool, repeats: int) -> dict:
     from dali_pipes.sampling import ViewSpec
     from dali_pipes.shard_set import open_shard_set
-    from tools.baseline_loaders import build_baseline_loader
+    from tools.bench.baselines import build_baseline_loader
 
     spec = ViewSpec(num_frames=cfg["num_frames"], stride=cfg["stride"], repeats=repeats, crop_size=cfg["crop_size"])
     loader = build_baseline_loader(open_shard_set(cfg["shards"], cfg["split"]).tars, spec, cfg["batch_size"],
@@ -60,7 +60,7 @@ def measure_decode_limit(cfg: dict, decoder: str) -> dict:
     import numpy as np
     from nvidia.dali import fn, pipeline_def, types
 
-    from dali_pipes.pyav_decoder import decode_frames
+    from dali_pipes.decoders.pyav import decode_frames
     from dali_pipes.reader import ShardReader
     from dali_pipes.sampling import ViewSpec, plan_train_sample
     from dali_pipes.shard_format import unpack_info
@@ -110,12 +110,12 @@ def measure_decode_limit(cfg: dict, decoder: str) -> dict:
 
 
 def available_decoders(cfg: dict) -> list[str]:
-    from dali_pipes.decoder_choice import choose_decoder, gpu_available
+    from dali_pipes.decoders import DECODERS, choose_decoder, gpu_available
     from dali_pipes.shard_set import open_shard_set
 
     codecs, gpu = open_shard_set(cfg["shards"], cfg["split"]).codecs, gpu_available()
     found = []
-    for decoder in ("dali-gpu", "dali-cpu", "pyav"):
+    for decoder in DECODERS:
         try:
             choose_decoder(decoder, codecs, gpu)
             found.append(decoder)

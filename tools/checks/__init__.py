@@ -1,0 +1,1 @@
+"""The checks tools/preflight.py runs."""
