@@ -11,11 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 
 
+SAMPLINGS = ("stride", "segments")
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """How the views of one decoded clip are made."""
 
     num_frames: int = 16
+    # stride: num_frames frames `stride` apart from a random start (Kinetics: 16 x 4, a 2-s window); segments: the
+    # whole clip cut into num_frames equal segments, one frame from each (TSN-style, Something-Something v2's
+    # custom: its 2-6 s clips are one action from start to end)
+    sampling: str = "stride"
     stride: int = 4  # frames between samples, at target_fps when it is set, else at the video's own rate
     target_fps: float | None = None  # mae_st samples at 30 fps whatever the source rate
     repeats: int = 4  # views per decoded clip (MAE-ST repeated sampling)
@@ -28,6 +35,8 @@ class ViewSpec:
     def __post_init__(self):
         if self.num_frames < 1 or self.stride < 1 or self.repeats < 1 or self.crop_size < 1:
             raise ValueError(f"num_frames, stride, repeats and crop_size must be positive: {self}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, not {self.sampling!r}")
 
 
 # Resampling a crop down by more than this aliases visibly (fine textures turn to moire): filter first. Crops of
@@ -56,6 +65,14 @@ def clip_span(num_frames: int, stride: int, fps: float, target_fps: float | None
     """Source frames one clip covers."""
     step = stride * (fps / target_fps if target_fps else 1.0)
     return step * (num_frames - 1) + 1
+
+
+def segment_indices(total: int, num_frames: int, offsets: np.ndarray) -> np.ndarray:
+    """One frame from each of num_frames equal segments of a `total`-frame clip, at `offsets` (in [0, 1), one per
+    segment) of the way through its segment: segment i covers frames [i total / T, (i + 1) total / T)."""
+    edges = np.arange(num_frames + 1) * total / num_frames
+    picks = np.floor(edges[:-1] + offsets * np.diff(edges) + 1e-6).astype(np.int64)
+    return np.clip(picks, 0, max(total - 1, 0))
 
 
 def random_start(total: int, span: float, rng: np.random.Generator) -> float:
@@ -120,9 +137,13 @@ def plan_train_sample(total: int, fps: float, height: int, width: int, spec: Vie
                       rotation: int = 0) -> SamplePlan:
     """R views of one clip: one temporal start (or one per view), each view its own crop and flip, drawn on the
     upright frame (height x width is the stored frame, turned by `rotation` degrees clockwise for display)."""
-    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
-    starts = [random_start(total, span, rng) for _ in range(spec.repeats if spec.per_view_start else 1)]
-    clips = [clip_indices(s, spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
+    draws = spec.repeats if spec.per_view_start else 1
+    if spec.sampling == "segments":  # a uniform draw within every segment
+        clips = [segment_indices(total, spec.num_frames, rng.random(spec.num_frames)) for _ in range(draws)]
+    else:
+        span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+        clips = [clip_indices(random_start(total, span, rng), spec.num_frames, spec.stride, fps, spec.target_fps,
+                              total) for _ in range(draws)]
     if spec.per_view_start:
         frames, orders = _union(clips)
     else:  # the decoder returns the clip itself, edge-padding repeats included
@@ -147,12 +168,18 @@ def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
 
 def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, num_clips: int,
                      num_crops: int = 3, rotation: int = 0) -> SamplePlan:
-    """num_clips temporal clips spread evenly from the first to the last possible start, times num_crops spatial
+    """num_clips temporal clips spread evenly from the first to the last possible start (segments: clip k takes each
+    segment's frame (k + 1/2) / num_clips of the way through it; one clip: the middles), times num_crops spatial
     crops; views ordered clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
-    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
-    last = max(0.0, math.floor(total - span))
-    starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
-    clips = [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
+    if spec.sampling == "segments":
+        clips = [segment_indices(total, spec.num_frames, np.full(spec.num_frames, (k + 0.5) / num_clips))
+                 for k in range(num_clips)]
+    else:
+        span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+        last = max(0.0, math.floor(total - span))
+        starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
+        clips = [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total)
+                 for s in starts]
     frames, orders = _union(clips)
     boxes = eval_boxes(*display_size(height, width, rotation), num_crops)
     return _finish(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops),

@@ -3,6 +3,7 @@
     python tools/build_shards.py --csv kinetics400/train.csv --videos kinetics400/train --out shards/k400 --codec copy
     python tools/build_shards.py --list train.txt --out shards/k400 --codec vp9 --workers 32
     python tools/build_shards.py --root k400/train --out shards/k400 --split train --limit 100
+    python tools/build_shards.py --ssv2 ssv2/labels --videos ssv2/20bn-something-something-v2 --out shards/ssv2
 
 Every clip is probed and test-decoded; bad ones are skipped with the reason recorded in OUT/manifest.json.
 Killed at any point (even SIGKILL), the same command run again finishes the job: committed shards are kept, the
@@ -30,7 +31,8 @@ from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info
 from tools.shard_building.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
 from trainer.atomic_files import atomic_write_text
 from tools.shard_building.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
-from tools.shard_building.video_sources import build_label_map, from_class_folders, from_kinetics_csv, from_list_file
+from tools.shard_building.video_sources import (build_label_map, from_class_folders, from_kinetics_csv,
+                                                from_list_file, from_ssv2, read_ssv2_labels)
 
 TOOL_VERSION = "1.1"  # 1.1: true frame counts, canonical codec names, rotation, pix_fmt: a rerun must not mix in 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>; man 2 prctl: the signal a process gets when the thread that forked it dies
@@ -53,9 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--csv", help="official Kinetics annotation csv (label, youtube_id, time_start, time_end, split)")
     src.add_argument("--list", help='list file of "path label" lines (mae_st / SlowFast / VideoMAE)')
     src.add_argument("--root", help="folder tree root/<class name>/*.mp4")
-    p.add_argument("--videos", help="video folder for --csv (flat or class folders); path prefix for --list")
+    src.add_argument("--ssv2", metavar="LABELS_DIR",
+                     help="Something-Something v2: the folder of its official label files (something-something-v2-"
+                          "{labels,train,validation,test}.json); splits train, val, test (unlabelled)")
+    p.add_argument("--videos", help="video folder for --csv (flat or class folders) and --ssv2 (<id>.webm); path "
+                                    "prefix for --list")
     p.add_argument("--out", required=True, help="output folder for the shards, their indexes and manifest.json")
-    p.add_argument("--split", help="--csv: comma-separated splits to build (default: all in the csv); "
+    p.add_argument("--split", help="--csv, --ssv2: comma-separated splits to build (default: all); "
                                    "--list/--root: the split's name (default: train)")
     p.add_argument("--codec", choices=CODECS, default="copy",
                    help="copy keeps the source bytes (GPU decode); h264/vp9/mjpeg re-encode. DALI's CPU decoder "
@@ -74,8 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N clips of each split (after the shuffle)")
     p.add_argument("--classes", help="file of class names, one per line, fixing the label map")
     args = p.parse_args(argv)
-    if args.csv and not args.videos:
-        p.error("--csv needs --videos DIR, the folder that holds the clips")
+    for flag in ("csv", "ssv2"):
+        if getattr(args, flag) and not args.videos:
+            p.error(f"--{flag} needs --videos DIR, the folder that holds the clips")
+    if args.ssv2 and args.classes:
+        p.error("--ssv2 takes its class indices from the official labels file: drop --classes")
+    if args.ssv2 and not os.path.isdir(args.ssv2):
+        p.error(f"--ssv2: no such folder: {args.ssv2}")
     for flag in ("csv", "list", "classes"):
         if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
             p.error(f"--{flag}: no such file: {getattr(args, flag)}")
@@ -88,8 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_sources(args):
-    if args.csv:
-        splits = set(args.split.split(",")) if args.split else None
+    splits = set(args.split.split(",")) if args.split else None
+    if args.ssv2:
+        sources = from_ssv2(args.ssv2, args.videos, splits)
+    elif args.csv:
         sources = from_kinetics_csv(args.csv, args.videos, splits)
     elif args.list:
         sources = from_list_file(args.list, args.split or "train", args.videos)
@@ -101,7 +114,8 @@ def load_sources(args):
     for split, items in by_split.items():
         random.Random(args.seed).shuffle(items)  # shards then mix classes
         by_split[split] = items[: args.limit] if args.limit else items
-    return by_split, build_label_map(sources, args.classes)
+    label_map = read_ssv2_labels(args.ssv2) if args.ssv2 else build_label_map(sources, args.classes)
+    return by_split, label_map
 
 
 def check_output(args) -> None:

@@ -123,6 +123,9 @@ class Finetuning(Task):
         print(line, flush=True)
         lines = [f"  test ({views} views): {os.path.join(run.run_dir, 'eval.json')}, "
                  f"{os.path.join(run.run_dir, 'per_class_accuracy.csv')}"]
+        if len(report["per_class"]) <= 12:  # a handful of classes (the demos): each one's accuracy here too
+            lines += [f"    {row['top1']:6.2f}  {name} ({row['videos']} videos)"
+                      for name, row in sorted(report["per_class"].items())]
         if tag and self.trains:
             export = os.path.join(run.run_dir, "export", "mae_st_finetune.pth")
             os.makedirs(os.path.dirname(export), exist_ok=True)

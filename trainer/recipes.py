@@ -9,6 +9,8 @@ import ast
 import dataclasses
 from dataclasses import dataclass, field
 
+from dali_pipes.sampling import SAMPLINGS
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -20,10 +22,13 @@ class Recipe:
     # data
     split: str = "train"
     num_frames: int = 16
+    sampling: str = "stride"  # stride: num_frames x stride from a random start; segments: one frame per segment
     stride: int = 4
     target_fps: float | None = 30.0  # mae_st / SlowFast sample at 30 fps whatever the source rate
     crop_size: int = 224
     repeats: int = 4  # views per decoded clip
+    per_view_start: bool = False  # each view its own frames (its own start, or its own draw in each segment)
+    flip: bool = True  # horizontal flips; off where direction is the class (Something-Something v2)
     decoder: str = "auto"
     loader_threads: int | None = None
     decode_pipelines: int | None = None  # DALI pipelines taking turns per process (None: 4 on a GPU, 1 on a CPU)
@@ -158,6 +163,28 @@ FINETUNE_RECIPES = {
     ),
 }
 
+# Something-Something v2 (174 classes) from a Kinetics MAE-ST checkpoint. Direction is the class ("Pushing something
+# from left to right" / "... from right to left" are mirror images): no flips, as SlowFast's SSv2 configs
+# (DATA.RANDOM_FLIP: False) and VideoMAE do. 16 frames by segment sampling over the whole clip, each of the 2
+# repeated views its own draw; testing 2 temporal clips x 3 crops (VideoMAE: --test_num_segment 2 --test_num_crop
+# 3). Optimization after VideoMAE's SSv2 ViT-B fine-tuning script (MCG-NJU/VideoMAE scripts/ssv2/...epoch_2400/
+# finetune.sh: AdamW (0.9, 0.999), lr 5e-4 per 256 samples, weight decay 0.05, repeated augmentation 2, RandAugment
+# rand-m7-n4) with MAE-ST's Kinetics regularization per size (drop path, layer decay, head dropout).
+_SSV2 = dict(sampling="segments", per_view_start=True, flip=False, target_fps=None, repeats=2, blr=5e-4,
+             betas=(0.9, 0.999), rand_augment=(4, 7), epochs=40, warmup_epochs=5, eval_clips=2, eval_crops=3)
+FINETUNE_RECIPES.update({
+    "ssv2_VIT_B_16x2_FT": FinetuneRecipe(model="vit_b", drop_path=0.1, layer_decay=0.65, dropout=0.3, **_SSV2),
+    "ssv2_VIT_L_16x2_FT": FinetuneRecipe(model="vit_l", drop_path=0.2, layer_decay=0.75, dropout=0.3, **_SSV2),
+    # the SSv2-shaped demo (tools/make_ssv2_demo.py): its classes are directions of motion, a mirrored pair among them.
+    # Trained from scratch on a few dozen clips: crops keep half the frame at least, so the moving object stays in view
+    "demo_ssv2_FT": FinetuneRecipe(
+        model="vit_tiny", model_options=DEMO_ENCODER, num_frames=8, crop_size=64, scale=(0.5, 1.0), sampling="segments",
+        per_view_start=True, flip=False, target_fps=None, repeats=2, rand_augment=None, mixup=0.0, cutmix=0.0,
+        random_erasing=0.0, drop_path=0.0, dropout=0.0, layer_decay=0.9, blr=0.1, clip_grad=5.0, epochs=40,
+        warmup_epochs=2, eval_clips=2, eval_crops=3, checkpoint_every=500, log_every=5,
+    ),
+})
+
 
 def _positive_int(v):
     return type(v) is int and v >= 1
@@ -203,6 +230,9 @@ _RULES = {
     "rand_augment": (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_count, v))),
                      "None, or (number of ops, magnitude) as two integers >= 0"),
     "split": (lambda v: isinstance(v, str) and v != "", "a split name in the shards' manifest"),
+    "sampling": (lambda v: v in SAMPLINGS, " or ".join(SAMPLINGS)),
+    **{name: (lambda v: type(v) is bool, "True or False") for name in (
+        "flip", "per_view_start", "compile", "dont_use_mmap", "skip_damaged_shards")},
     "eval_split": (lambda v: isinstance(v, str) and v != "", "a split name in the shards' manifest"),
 }
 

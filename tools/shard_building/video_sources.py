@@ -1,10 +1,12 @@
-"""The three ways people hand over Kinetics: the official csv + a video folder, a "path label" list, class folders.
+"""The ways people hand over their videos: Kinetics' official csv + a video folder, a "path label" list, class
+folders, and Something-Something v2's official label files.
 
 Each becomes a list of Source records with a dataset-unique key (no dots: webdataset splits names at the first dot).
 """
 
 import csv
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -110,3 +112,52 @@ def build_label_map(sources: list[Source], classes_file: str | None = None) -> d
     if names and all(n.lstrip("-").isdigit() for n in names):
         return {n: int(n) for n in sorted(names, key=int)}
     return {name: i for i, name in enumerate(names)}
+
+
+# Something-Something v2's official release (Qualcomm / 20BN; the layout VideoMAE's and SlowFast's SSv2 loaders read):
+#   something-something-v2-labels.json      {"Holding something next to something": "41", ...}: template -> index
+#   something-something-v2-train.json       [{"id": "78687", "label": "holding potato next to vicks vaporub bottle",
+#   something-something-v2-validation.json    "template": "Holding [something] next to [something]",
+#                                             "placeholders": ["potato", "vicks vaporub bottle"]}, ...]
+#   something-something-v2-test.json        [{"id": "1420"}, ...]: no labels
+#   videos: <id>.webm (VP9)
+SSV2_FILES = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
+              "test": "something-something-v2-test.json"}
+SSV2_LABELS = "something-something-v2-labels.json"
+
+
+def ssv2_class(template: str) -> str:
+    """A template's class name: its text with the brackets around the placeholders removed."""
+    return template.replace("[", "").replace("]", "")
+
+
+def read_ssv2_labels(labels_dir: str) -> dict[str, int]:
+    """Class name -> the official index (the labels file gives it as a string)."""
+    path = os.path.join(labels_dir, SSV2_LABELS)
+    if not os.path.isfile(path):
+        raise ValueError(f"{labels_dir} has no {SSV2_LABELS}: give --ssv2 the folder of the official label files")
+    with open(path) as f:
+        return {name: int(index) for name, index in json.load(f).items()}
+
+
+def from_ssv2(labels_dir: str, videos_dir: str, splits=None) -> list[Source]:
+    """The official SSv2 splits (train, val = the validation file, test without labels) of the files present."""
+    classes, sources = read_ssv2_labels(labels_dir), []
+    for split, name in SSV2_FILES.items():
+        path = os.path.join(labels_dir, name)
+        if (splits and split not in splits) or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            entries = json.load(f)
+        for number, entry in enumerate(entries):
+            label = None
+            if "template" in entry:
+                label = ssv2_class(entry["template"])
+                if label not in classes:
+                    raise ValueError(f"{name}, entry {number} (id {entry['id']}): its class {label!r} is not in "
+                                     f"{SSV2_LABELS}")
+            video = os.path.join(videos_dir, f"{entry['id']}.webm")
+            sources.append(Source(_sanitize(str(entry["id"])), video if os.path.isfile(video) else None, label, split))
+    if not sources:
+        raise ValueError(f"{labels_dir} holds none of {sorted(SSV2_FILES.values())}")
+    return sources
