@@ -135,7 +135,7 @@ class Run:
         resume = self.checkpointer.resume_plan()
         self.ds_config = resume.adjust(ds_config) if resume else ds_config
         self.engine = build_engine(self.model, recipe, self.ds_config, self.lr, self.total_steps, warmup,
-                                   self.env.device, task.lr_scale_of(self.model, recipe))
+                                   task.lr_scale_of(self.model, recipe))
         peak, peak_source = device_peak_flops(self.env.device, self.dtype)
         self.step = self.checkpointer.resume(self.engine, resume, self.loader) if resume else 0  # restores RNGs
         self.stop_at = min(self.total_steps, args.max_steps or self.total_steps)
