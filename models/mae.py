@@ -125,10 +125,14 @@ class MaskedAutoencoder(VideoViT):
             raise ValueError(f"noise must be [N*mask_repeats, L] = [{n * m}, {num_tokens}], got {list(noise.shape)}")
         latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio, noise, m)
         pred = self.forward_decoder(latent, ids_restore)
+        return self.loss(videos, pred, mask, m), pred, mask
+
+    def loss(self, videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, mask_repeats: int) -> torch.Tensor:
+        """Mean squared error over the removed tokens only; pred [N*M, L, P] against the targets of videos [N, ...]."""
+        n, m, num_tokens = videos.shape[0], mask_repeats, self.cfg.num_patches
         per_token = (pred.float().view(n, m, num_tokens, -1) - self.targets(videos).unsqueeze(1)).pow(2).mean(-1)
         mask_nm = mask.view(n, m, num_tokens)
-        loss = (per_token * mask_nm).sum() / mask_nm.sum()  # mean over the removed tokens only
-        return loss, pred, mask
+        return (per_token * mask_nm).sum() / mask_nm.sum()
 
 
 def build_pretrain_model(name: str = "vit_b", **overrides) -> MaskedAutoencoder:

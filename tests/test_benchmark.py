@@ -1,4 +1,5 @@
-"""tools/benchmark.py: what it writes, and the GPU projection's arithmetic."""
+"""tools/benchmark.py: measurements taken in turns, ratios round by round, what it writes, and the GPU projection's
+arithmetic."""
 
 import json
 
@@ -9,27 +10,47 @@ from tools import benchmark
 from tools.bench.gpu_projection import projection
 
 
-def test_json_holds_measurements_ratios_and_machine(tmp_path):
+def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
     shards = make_shards(tmp_path, n=4, frames=40)
     out = tmp_path / "bench.json"
-    args = ["decode-limit", "--shards", shards, "--batch-size", "2", "--batches", "2", "--reps", "2", "--warmup", "1",
+    args = ["loader", "--shards", shards, "--batch-size", "2", "--batches", "2", "--warmup", "1", "--rounds", "3",
             "--crop-size", "32", "--json", str(out)]
     assert benchmark.main(args) == 0
     report = json.loads(out.read_text())
-    names = [m["name"] for m in report["measurements"]]
-    assert names == ["decode-limit dali-cpu", "decode-limit pyav"]  # VP9 shards on a CPU: both paths
-    for row in report["measurements"]:
-        assert row["unit"] == "clips/s" and row["min"] <= row["median"] <= row["max"] and row["peak_mb"] > 0
-    assert report["machine"]["cores"] >= 1 and "dali" in report["machine"]
-    assert isinstance(report["ratios"], dict) and report["config"]["batches"] == 2
+    rows = {m["name"]: m for m in report["measurements"]}
+    assert set(rows) == {f"loader {d} R={r}" for d in ("dali-cpu", "pyav") for r in (1, 2, 4)}
+    for row in rows.values():
+        assert row["unit"] == "clips/s" and len(row["rounds"]) == 3 and row["peak_mb"] > 0
+        assert row["min"] <= row["median"] <= row["max"]
+    ratio = report["ratios"]["r4_vs_r1_views"]
+    by_round = sorted(4 * a / b for a, b in zip(rows["loader dali-cpu R=4"]["rounds"],
+                                               rows["loader dali-cpu R=1"]["rounds"]))
+    assert ratio["rounds"] == 3 and ratio["median"] == pytest.approx(by_round[1], rel=1e-3)  # median of the rounds'
+    assert ratio["min"] == pytest.approx(by_round[0], rel=1e-3) and ratio["max"] == pytest.approx(by_round[2], rel=1e-3)
+    assert {"busy_share", "loadavg_1min"} <= set(report["load"]["before"]) and report["machine"]["cores"] >= 1
     model = tmp_path / "model.json"
-    assert benchmark.main(["model", "--shards", shards, "--model", "vit_tiny", "--model-batch", "2", "--reps", "2",
+    assert benchmark.main(["model", "--shards", shards, "--model", "vit_tiny", "--model-batch", "2", "--rounds", "2",
                            "--json", str(model)]) == 0
     report = json.loads(model.read_text())
-    assert 0 < report["ratios"]["model_mfu"] < 1.5  # achieved over the same run's matmul FLOP/s
+    mfu = report["ratios"]["model_mfu"]
+    assert 0 < mfu["min"] <= mfu["median"] <= mfu["max"] < 1.5  # each round over its own matmul peak
     rows = {m["name"]: m for m in report["measurements"]}
     assert rows["model vit_tiny step sdpa M=4"]["views_per_clip"] == 4
+    fused = sorted(a / b for a, b in zip(rows["model vit_tiny step sdpa M=1"]["rounds"],
+                                         rows["model vit_tiny step sdpa M=1 foreach AdamW"]["rounds"]))
+    assert report["ratios"]["model_fused_vs_foreach_adamw"]["min"] == pytest.approx(fused[0], rel=1e-3)
+    assert {"model_sdpa_vs_math", "model_m4_vs_m1_views"} <= set(report["ratios"])
+    assert list(rows["model vit_tiny parts sdpa M=1"]["parts"]) == [
+        "embed + encoder", "decoder", "loss (targets included)", "backward", "optimizer"]
     assert report["gpu_projection"]["accelerator"] == "H100"
+
+
+def test_per_round_ratio():
+    rows = {"a": {"rounds": [10.0, 20.0, 30.0], "views_per_clip": 4}, "b": {"rounds": [10.0, 10.0, 20.0],
+                                                                             "views_per_clip": 1}}
+    assert benchmark.per_round_ratio(rows, "a", "b") == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3}
+    assert benchmark.per_round_ratio(rows, "a", "b", views=True)["median"] == 6.0
+    assert benchmark.per_round_ratio(rows, "a", "missing") is None
 
 
 def test_projection_arithmetic():

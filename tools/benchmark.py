@@ -1,150 +1,202 @@
-"""Throughput benchmark: our loader and trainer against what users would run instead and against the limits, in one
-run, on the same shards and cores; then which part limits throughput, and a projection for one GPU.
+"""Throughput benchmark: our loader and trainer against what users would run instead and against the limits, on the
+same shards and cores, measured so that the ratios hold still on a noisy machine; then which part limits
+throughput, and a projection for one GPU.
 
-    python tools/benchmark.py all --shards demo_data/shards --json bench.json      # CPU: about 3 minutes
+    python tools/benchmark.py all --shards demo_data/shards --json bench.json      # CPU: about 5 minutes
     python tools/benchmark.py loader --shards shards/k400 --preset full             # a GPU node
+    python tools/benchmark.py loader --shards ssv2_demo/shards --sampling segments   # SSv2's sampling
 
 Modes:
-    loader        the DALI pretraining loader, per decoder path available here, for R = 1, 2, 4 views per clip
+    loader        the pretraining loader, per decoder path available here, for R = 1, 2, 4 views per clip, batches
+                  made ready for the model (normalized on the device)
     baselines     a hand-written PyTorch DataLoader (PyAV, just the needed frames, torch augmentation) and the
                   mae_st way (decode the whole video, then cut the R clips), both with R = 4
     decode-limit  decoding the same frames and nothing else, batches read beforehand: the loader's ceiling
-    model         one MAE training step: clips/s, achieved FLOP/s, MFU against this run's matmul peak;
-                  SDPA vs plain attention; mask_repeats 1 vs 4
-    e2e           the real trainer for some steps: clips/s and the share of time waiting for data
-    all           everything, then the verdict
-Each measurement runs in its own process (clean peak memory), warms up, then times `reps` runs; tables give the
-median and the spread (min-max). Every ratio compares two measurements of this run.
+    stages        the views pipeline taken apart (decode; + resizes; + the rest; + the copy to torch) at R = 1, 4
+    model         one MAE training step: clips/s and MFU against the same round's matmul peak; SDPA vs plain
+                  attention; mask_repeats 4 vs 1; fused vs torch's default (foreach) AdamW; and where the step's
+                  time goes (encoder, decoder, loss, ...)
+    e2e           the real trainer: clips/s and the share of time waiting for data
+    all           the loader at R = 1 and 4, bare decoding and the baselines (the headline ratios), the stages, the
+                  model step (SDPA, M=1) and its parts, and e2e; then the verdict
+
+How it holds still: every measurement lives in its own process for the whole run (set up once, warm), and the
+measurements of a group take turns round after round (A B C, B C A, ...), each round after its own warm-up batches
+and once the previous contender's processes have gone idle; a ratio is the median of its per-round ratios, with
+their spread. The MFU's peak is measured in the same round as the step. The machine's load is reported before and
+after, with a warning when something else was running.
 """
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import resource
-import signal
 import statistics
 import sys
-
-from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tools.bench.contender import Contender  # noqa: E402
+from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection  # noqa: E402
+
 PRESETS = {
-    # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 3 minutes
-    "small": dict(batch_size=4, num_frames=16, stride=4, crop_size=112, batches=5, warmup=1, reps=3,
-                  model="vit_b", model_batch=1, model_steps=1, e2e_recipe="demo_PT", e2e_steps=40,
+    # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 5 minutes
+    "small": dict(batch_size=4, num_frames=16, sampling="stride", stride=4, crop_size=112, batches=12, warmup=4,
+                  rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="demo_PT", e2e_steps=10,
                   e2e_ds_config="ds_configs/cpu.json"),
     # full: a GPU node and Kinetics shards
-    "full": dict(batch_size=8, num_frames=16, stride=4, crop_size=224, batches=30, warmup=5, reps=5,
-                 model="vit_l", model_batch=8, model_steps=10, e2e_recipe="k400_VIT_L_16x4_MAE_PT", e2e_steps=200,
-                 e2e_ds_config="ds_configs/zero2_bf16.json"),
+    "full": dict(batch_size=8, num_frames=16, sampling="stride", stride=4, crop_size=224, batches=20, warmup=4,
+                 rounds=5, model="vit_l", model_batch=8, model_steps=5, e2e_recipe="k400_VIT_L_16x4_MAE_PT",
+                 e2e_steps=50, e2e_ds_config="ds_configs/zero2_bf16.json"),
 }
 
 
-# --- one measurement per child process ------------------------------------------------------------------------------
+# --- the groups of contenders that take turns ------------------------------------------------------------------------
 
 
-def _child(queue, module: str, function: str, cfg: dict, kwargs: dict):
-    try:
-        result = getattr(__import__(module, fromlist=[function]), function)(cfg, **kwargs)
-    except Exception as err:  # reported in the table, not a crash of the whole benchmark
-        result = {"error": f"{type(err).__name__}: {err}"}
-    # Leave without interpreter teardown, workers first: DataLoader workers and DALI threads were seen to abort in
-    # their C++ destructors at exit ("terminate called without an active exception"), after the measurement.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the workers' deaths
-    for worker in mp.active_children():
-        worker.kill()
-        worker.join()  # (a waited-for child counts in RUSAGE_CHILDREN's peak)
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    queue.put({**result, "peak_mb": round(peak_kb / 1024)})
-    queue.close()
-    queue.join_thread()
-    os._exit(0)
+def group_data(cfg: dict, parts: set) -> list[Contender]:
+    """The loader measurements of `parts`; "ratios" is the smallest set the headline ratios need (`all`)."""
+    from tools.bench.loaders import available_decoders, torchcodec_missing
 
-
-def measure(name: str, target: str, cfg: dict, views: int = 1, **kwargs) -> dict:
-    """Run module:function(cfg, **kwargs) in a fresh process; a row with rates in clips/s (median, min, max)."""
-    module, function = target.split(":")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(queue, module, function, cfg, kwargs))
-    child.start()
-    result = queue.get()
-    child.join()
-    row = {"name": name, "views_per_clip": views, **kwargs}
-    if "error" in result:
-        return {**row, "error": result["error"]}
-    items = result.pop("items")
-    rates = sorted(items / s for s in result.pop("seconds"))
-    median = statistics.median(rates)
-    return {**row, **result, "unit": "clips/s", "median": median, "min": rates[0], "max": rates[-1],
-            "views_per_s": median * views}
-
-
-# --- modes ----------------------------------------------------------------------------------------------------------
-
-
-def mode_loader(cfg):
-    from tools.bench.loaders import available_decoders
-
-    return [measure(f"loader {decoder} R={r}", "tools.bench.loaders:measure_loader", cfg, r, decoder=decoder,
-                    repeats=r) for decoder in available_decoders(cfg) for r in (1, 2, 4)]
-
-
-def mode_baselines(cfg):
-    return [measure(f"baseline {name} R=4", "tools.bench.loaders:measure_baseline", cfg, 4, whole_video=whole,
-                    repeats=4) for name, whole in (("hand-written torch", False), ("mae_st-style", True))]
-
-
-def mode_decode_limit(cfg):
-    from tools.bench.loaders import available_decoders
-
-    return [measure(f"decode-limit {decoder}", "tools.bench.loaders:measure_decode_limit", cfg, decoder=decoder)
-            for decoder in available_decoders(cfg)]
-
-
-def mode_model(cfg):
-    size, batch = cfg["model"], cfg["model_batch"]
-    return [measure(f"model {size} step {attn} M={m}", "tools.bench.model:measure_model_step", cfg, m, size=size,
-                    batch=batch, attn_impl=attn, mask_repeats=m)
-            for attn, m in (("sdpa", 1), ("math", 1), ("sdpa", 4))]
-
-
-def mode_e2e(cfg):
-    return [measure(f"e2e trainer {cfg['e2e_recipe']}", "tools.bench.model:measure_e2e", cfg,
-                    recipe=cfg["e2e_recipe"], ds_config=os.path.join(ROOT, cfg["e2e_ds_config"]),
-                    steps=cfg["e2e_steps"])]
-
-
-MODES = {"loader": [mode_loader], "baselines": [mode_baselines], "decode-limit": [mode_decode_limit],
-         "model": [mode_model], "e2e": [mode_e2e],
-         "all": [mode_decode_limit, mode_loader, mode_baselines, mode_model, mode_e2e]}
-
-
-# --- report ---------------------------------------------------------------------------------------------------------
-
-
-def ratios(rows: list[dict], cfg: dict) -> dict:
-    rate = {r["name"]: r["median"] for r in rows if "median" in r}
-    views = {r["name"]: r["views_per_s"] for r in rows if "median" in r}
-    # the decoder the loader picks by itself here (dali_pipes/decoder_choice.py prefers them in this order)
-    auto = next((d for d in ("dali-gpu", "dali-cpu", "pyav") if f"loader {d} R=1" in rate), "dali-cpu")
-    pairs = {
-        "loader_vs_decode_limit": (rate, f"loader {auto} R=1", f"decode-limit {auto}"),
-        "r4_vs_r1_views": (views, f"loader {auto} R=4", f"loader {auto} R=1"),
-        "loader_vs_baseline_torch": (rate, f"loader {auto} R=4", "baseline hand-written torch R=4"),
-        "loader_vs_baseline_mae_st": (rate, f"loader {auto} R=4", "baseline mae_st-style R=4"),
-    }
-    found = {k: round(t[a] / t[b], 3) for k, (t, a, b) in pairs.items() if a in t and b in t}
-    model = next((r for r in rows if r["name"] == f"model {cfg['model']} step sdpa M=1" and "mfu" in r), None)
-    if model:
-        found["model_mfu"] = round(model["mfu"], 3)
+    decoders = available_decoders(cfg)
+    auto = decoders[0]
+    loaders = [(d, r) for d in decoders for r in (1, 2, 4)] if "loader" in parts else []
+    if "ratios" in parts:
+        loaders = [(auto, 1), (auto, 4)] + [(d, 4) for d in decoders[1:]]
+    found = [Contender(f"loader {d} R={r}", "tools.bench.loaders:loader", cfg, r, decoder=d, repeats=r)
+             for d, r in loaders]
+    if parts & {"decode-limit", "ratios"}:
+        found += [Contender(f"decode-limit {d}", "tools.bench.loaders:decode_limit", cfg, decoder=d) for d in decoders]
+        missing = torchcodec_missing()
+        if missing:
+            print(f"decode-limit torchcodec (a candidate host decoder) not measured here: {missing}")
+        else:
+            found.append(Contender("decode-limit torchcodec", "tools.bench.loaders:decode_limit", cfg,
+                                   decoder="torchcodec"))
+    if parts & {"baselines", "ratios"}:
+        found += [Contender(f"baseline {name} R=4", "tools.bench.loaders:baseline", cfg, 4, whole_video=whole,
+                            repeats=4) for name, whole in (("hand-written torch", False), ("mae_st-style", True))]
+    if "stages" in parts and auto != "pyav":
+        found += [Contender(f"stages {auto} R={r}", "tools.bench.loaders:stages", cfg, r, decoder=auto, repeats=r)
+                  for r in (1, 4)]
     return found
 
 
-def verdict(rows: list[dict], found: dict) -> list[str]:
+def group_model(cfg: dict, variants: set) -> list[Contender]:
+    """The step with SDPA at M=1 (the MFU), where its time goes, and with `variants`: plain attention, M=4, torch's
+    default (foreach) AdamW instead of the fused one."""
+    size, batch = cfg["model"], cfg["model_batch"]
+    runs = [("sdpa", 1, True)] + [("math", 1, True)] * ("attention" in variants) \
+        + [("sdpa", 4, True)] * ("repeats" in variants) + [("sdpa", 1, False)] * ("optimizer" in variants)
+    steps = [Contender(f"model {size} step {attn} M={m}" + ("" if fused else " foreach AdamW"),
+                       "tools.bench.model:model_step", cfg, m, size=size, batch=batch, attn_impl=attn,
+                       mask_repeats=m, fused_adamw=fused) for attn, m, fused in runs]
+    return steps + [Contender(f"model {size} parts sdpa M=1", "tools.bench.model:model_parts", cfg, 1, size=size,
+                              batch=batch, attn_impl="sdpa", mask_repeats=1)]
+
+
+def group_e2e(cfg: dict, _=None) -> list[Contender]:
+    return [Contender(f"e2e trainer {cfg['e2e_recipe']}", "tools.bench.model:e2e", cfg, recipe=cfg["e2e_recipe"],
+                      ds_config=os.path.join(ROOT, cfg["e2e_ds_config"]), steps=cfg["e2e_steps"])]
+
+
+MODES = {mode: [(group_data, {mode})] for mode in ("decode-limit", "loader", "baselines", "stages")}  # groups, in turn
+MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer"})], "e2e": [(group_e2e, None)],
+              "all": [(group_data, {"ratios"}), (group_data, {"stages"}), (group_model, set()), (group_e2e, None)]})
+
+
+def take_turns(make_group, rounds: int) -> list[dict]:
+    """Every contender of the group runs `rounds` rounds, in an order that rotates each round; then their rows."""
+    contenders = []
+    try:
+        contenders = make_group()
+        for r in range(rounds):
+            for i in range(len(contenders)):
+                contenders[(i + r) % len(contenders)].round()
+        return [row(c, c.stop()) for c in contenders]
+    finally:  # (an interrupted benchmark leaves no process behind)
+        for c in contenders:
+            c.stop()
+
+
+def row(c: Contender, peak_mb) -> dict:
+    base = {"name": c.name, "views_per_clip": c.views, **c.kwargs, "peak_mb": peak_mb}
+    if c.error or not c.results:
+        return {**base, "error": c.error or "no round finished"}
+    rates = [r["items"] / r["seconds"] for r in c.results]
+    out = {**base, "unit": "clips/s", "rounds": rates, "median": statistics.median(rates), "min": min(rates),
+           "max": max(rates), "views_per_s": statistics.median(rates) * c.views}
+    for key in ("mfu", "achieved_flops", "peak_flops", "data_wait_share"):
+        if key in c.results[0]:
+            out[key] = statistics.median(r[key] for r in c.results)
+    if "mfu" in c.results[0]:
+        out["mfu_rounds"] = [r["mfu"] for r in c.results]
+    for key in ("stages", "parts"):  # seconds per batch (stages) or per step (parts), medians over the rounds
+        if key in c.results[0]:
+            out[key] = {name: statistics.median(r[key][name] for r in c.results) for name in c.results[0][key]}
+    return out
+
+
+# --- what the numbers say ------------------------------------------------------------------------------------------
+
+
+def per_round_ratio(rows: dict, a: str, b: str, views: bool = False) -> dict | None:
+    """Median and spread of a's rate over b's, round by round (views: views/s instead of clips/s)."""
+    if a not in rows or b not in rows or "rounds" not in rows[a] or "rounds" not in rows[b]:
+        return None
+    scale = rows[a]["views_per_clip"] / rows[b]["views_per_clip"] if views else 1
+    values = [x / y * scale for x, y in zip(rows[a]["rounds"], rows[b]["rounds"])]
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "rounds": len(values)}
+
+
+def ratios(rows: list[dict], cfg: dict) -> dict:
+    by_name = {r["name"]: r for r in rows}
+    # the decoder the loader picks by itself here (dali_pipes/decoders prefers them in this order)
+    auto = next((d for d in ("dali-gpu", "dali-cpu", "pyav") if f"loader {d} R=1" in by_name), "dali-cpu")
+    found = {
+        "loader_vs_decode_limit": per_round_ratio(by_name, f"loader {auto} R=1", f"decode-limit {auto}"),
+        "r4_vs_r1_views": per_round_ratio(by_name, f"loader {auto} R=4", f"loader {auto} R=1", views=True),
+        "loader_vs_baseline_torch": per_round_ratio(by_name, f"loader {auto} R=4", "baseline hand-written torch R=4"),
+        "loader_vs_baseline_mae_st": per_round_ratio(by_name, f"loader {auto} R=4", "baseline mae_st-style R=4"),
+    }
+    if "pyav" != auto:
+        found["pyav_loader_vs_baseline_torch"] = per_round_ratio(by_name, "loader pyav R=4",
+                                                                 "baseline hand-written torch R=4")
+    step = f"model {cfg['model']} step"
+    # the step's clips/s, SDPA against plain attention and fused AdamW against foreach; M=4 against 1 in views/s
+    found.update({
+        "model_sdpa_vs_math": per_round_ratio(by_name, f"{step} sdpa M=1", f"{step} math M=1"),
+        "model_m4_vs_m1_views": per_round_ratio(by_name, f"{step} sdpa M=4", f"{step} sdpa M=1", views=True),
+        "model_fused_vs_foreach_adamw": per_round_ratio(by_name, f"{step} sdpa M=1", f"{step} sdpa M=1 foreach AdamW"),
+    })
+    model = by_name.get(f"{step} sdpa M=1")
+    if model and "mfu_rounds" in model:
+        values = model["mfu_rounds"]
+        found["model_mfu"] = {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+                              "max": round(max(values), 3), "rounds": len(values)}
+    return {k: v for k, v in found.items() if v}
+
+
+def stage_costs(rows: list[dict]) -> dict:
+    """Per-batch seconds of each stage at R=1 and R=4, and what they imply: the cost of one view, and the ceiling
+    views/s R=4 / R=1 can reach when decoding and views share the same cores."""
+    stages = {r["views_per_clip"]: r["stages"] for r in rows if "stages" in r}
+    if 1 not in stages or 4 not in stages:
+        return {}
+    decode = statistics.median([stages[1]["decode"], stages[4]["decode"]])
+    per_view = (stages[4]["views pipeline"] - decode) / 4
+    copy = {r: stages[r]["views + copy to torch"] - stages[r]["views pipeline"] for r in stages}
+    total = {r: stages[r]["views + copy to torch"] for r in stages}
+    return {"decode_s_per_batch": decode, "view_s_per_batch": per_view,
+            "copy_s_per_batch": {str(r): c for r, c in copy.items()},
+            "ceiling_r4_vs_r1_views": round(4 * total[1] / total[4], 3)}
+
+
+def verdict(rows: list[dict], found: dict, costs: dict) -> list[str]:
     """Which part limits throughput here, and by how much."""
     lines = []
     e2e = next((r for r in rows if r["name"].startswith("e2e") and "median" in r), None)
@@ -153,15 +205,19 @@ def verdict(rows: list[dict], found: dict) -> list[str]:
         side = "data loading limits it" if wait > 0.2 else "the model step limits it"
         lines.append(f"end to end the trainer waits for data {100 * wait:.0f}% of each step: {side}")
     if "loader_vs_decode_limit" in found:
-        share = found["loader_vs_decode_limit"]
-        lines.append(f"the loader runs at {share:.2f} of bare decoding: "
+        share = found["loader_vs_decode_limit"]["median"]
+        lines.append(f"at R=1 the loader runs at {share:.2f} of bare decoding: "
                      + ("decoding is its bottleneck" if share >= 0.8 else
-                        f"augmentation and copies cost {100 * (1 / share - 1):.0f}% on top of decoding here"))
+                        f"views and copies cost {100 * (1 / share - 1):.0f}% on top of decoding here"))
+    if costs:
+        lines.append(f"per batch of clips: decoding {1e3 * costs['decode_s_per_batch']:.1f} ms, each view "
+                     f"{1e3 * costs['view_s_per_batch']:.1f} ms: on shared cores views/s at R=4 can reach "
+                     f"{costs['ceiling_r4_vs_r1_views']:.2f}x R=1's")
     if "loader_vs_baseline_torch" in found:
-        lines.append(f"at R=4 the loader is {found['loader_vs_baseline_torch']:.2f}x the hand-written DataLoader"
-                     + (f" and {found['loader_vs_baseline_mae_st']:.2f}x the mae_st way"
-                        if "loader_vs_baseline_mae_st" in found else ""))
-    model = next((r for r in rows if r["name"].startswith("model") and "median" in r), None)
+        lines.append(f"at R=4 the loader is {found['loader_vs_baseline_torch']['median']:.2f}x the hand-written "
+                     "DataLoader" + (f" and {found['loader_vs_baseline_mae_st']['median']:.2f}x the mae_st way"
+                                     if "loader_vs_baseline_mae_st" in found else ""))
+    model = next((r for r in rows if r["name"].startswith("model") and "step" in r["name"] and "median" in r), None)
     loader4 = max((r for r in rows if r["name"].startswith("loader") and r["name"].endswith("R=4") and "median" in r),
                   key=lambda r: r["median"], default=None)
     if model and loader4:
@@ -170,6 +226,9 @@ def verdict(rows: list[dict], found: dict) -> list[str]:
                      f"{need:.2f} decoded clips/s at R=4; the loader delivers {loader4['median']:.1f} "
                      f"({loader4['median'] / need:.0f}x): here the model limits, the loader idles")
     return lines
+
+
+# --- the machine -----------------------------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -188,21 +247,63 @@ def machine() -> dict:
             "torch": torch.__version__, "dali": nvidia.dali.__version__, "av": av.__version__}
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'measurement':36s} {'clips/s':>9s} {'spread':>15s} {'views/s':>9s} {'peak MB':>8s}  notes")
+def load(seconds: float = 1.0) -> dict:
+    """The 1-minute load average, and over `seconds` the busy and stolen shares of all cores (/proc/stat)."""
+    def ticks():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4], values[7] if len(values) > 7 else 0  # total, idle+iowait, steal
+
+    try:
+        first = ticks()
+        time.sleep(seconds)
+        last = ticks()
+        with open("/proc/loadavg") as f:
+            loadavg = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    total = max(1, last[0] - first[0])
+    return {"loadavg_1min": loadavg, "busy_share": round(1 - (last[1] - first[1]) / total, 3),
+            "steal_share": round((last[2] - first[2]) / total, 3)}
+
+
+def busy_warning(before: dict, after: dict, cores: int) -> str | None:
+    if before.get("busy_share", 0) > 0.25 or before.get("steal_share", 0) > 0.05 or max(
+            before.get("steal_share", 0), after.get("steal_share", 0)) > 0.05:
+        return (f"warning: the machine was busy (before: {before}, after: {after}); with {cores} cores every figure "
+                "suffers, the per-round ratios less so. Rerun on a quiet machine, or with more --rounds")
+    return None
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+
+
+def print_report(rows: list[dict], found: dict, costs: dict) -> None:
+    print(f"{'measurement':44s} {'clips/s':>9s} {'spread':>15s} {'views/s':>9s} {'peak MB':>8s}  notes")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:36s} failed: {r['error']}")
             continue
         notes = []
-        if "mfu" in r and "achieved_flops" in r:
-            notes.append(f"{r['achieved_flops'] / 1e9:.0f} GFLOP/s, MFU {100 * r['mfu']:.1f}% of "
+        if "achieved_flops" in r:
+            notes.append(f"{r['achieved_flops'] / 1e9:.0f} GFLOP/s, MFU {100 * r['mfu']:.1f}% of the round's "
                          f"{r['peak_flops'] / 1e9:.0f}")
         if "data_wait_share" in r:
             notes.append(f"data wait {100 * r['data_wait_share']:.0f}%, MFU {100 * r['mfu']:.1f}%")
+        for key, unit in (("stages", "ms/batch"), ("parts", "ms/step")):
+            if key in r:
+                notes.append(", ".join(f"{name} {1e3 * s:.1f}" for name, s in r[key].items()) + f" ({unit})")
         spread = f"{r['min']:.2f}-{r['max']:.2f}"
-        print(f"{r['name']:36s} {r['median']:9.2f} {spread:>15s} {r['views_per_s']:9.2f} {r['peak_mb']:8d}  "
+        peak = r["peak_mb"] if r["peak_mb"] is not None else -1
+        print(f"{r['name']:44s} {r['median']:9.2f} {spread:>15s} {r['views_per_s']:9.2f} {peak:8d}  "
               + "; ".join(notes))
+    for key, value in found.items():
+        print(f"{key}: {value['median']:.3f} (per-round {value['min']:.3f}-{value['max']:.3f}, {value['rounds']} "
+              "rounds)")
+    if costs:
+        print(f"stage costs: decode {1e3 * costs['decode_s_per_batch']:.1f} ms/batch, one view "
+              f"{1e3 * costs['view_s_per_batch']:.1f} ms/batch; ceiling of views/s R=4 / R=1 on shared cores "
+              f"{costs['ceiling_r4_vs_r1_views']:.2f}")
 
 
 def main(argv=None) -> int:
@@ -221,18 +322,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = {**PRESETS[args.preset], "shards": args.shards, "split": args.split, "workers": args.workers}
     cfg.update({k: v for k in PRESETS["small"] if (v := getattr(args, k)) is not None})
+    if cfg["rounds"] < 1:
+        p.error("--rounds must be at least 1")
     info = machine()
+    cfg["device"] = "cuda" if info["gpu"] else "cpu"
     print(f"machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}; torch {info['torch']}, "
           f"DALI {info['dali']}, PyAV {info['av']}")
     print(f"shards {cfg['shards']} ({cfg['split']}); batches of {cfg['batch_size']} clips of {cfg['num_frames']}x"
-          f"{cfg['stride']} frames, crop {cfg['crop_size']}; {cfg['reps']} x {cfg['batches']} batches after "
-          f"{cfg['warmup']} warm-up; {cfg['workers']} workers")
-    rows = [row for mode in MODES[args.mode] for row in mode(cfg)]
-    print_table(rows)
-    found = ratios(rows, cfg)
-    for key, value in found.items():
-        print(f"{key}: {value:.3f}")
-    lines = verdict(rows, found) if args.mode == "all" else []
+          f"{cfg['stride']} frames, crop {cfg['crop_size']}; {cfg['rounds']} rounds of {cfg['batches']} batches after "
+          f"{cfg['warmup']} warm-up, the measurements of a group in turn; {cfg['workers']} workers", flush=True)
+    before, start = load(), time.perf_counter()
+    rows = []
+    for make_group, parts in MODES[args.mode]:
+        rows += take_turns(lambda: make_group(cfg, parts), cfg["rounds"])
+    after = load()
+    found, costs = ratios(rows, cfg), stage_costs(rows)
+    print_report(rows, found, costs)
+    warning = busy_warning(before, after, info["cores"])
+    print(f"machine load before {before}, after {after}; {time.perf_counter() - start:.0f} s")
+    if warning:
+        print(warning)
+    lines = verdict(rows, found, costs) if args.mode == "all" else []
     if lines:
         print("verdict:\n  " + "\n  ".join(lines))
     gpu = projection(args.accelerator, args.assumed_mfu, repeats=4, crop_size=224, short_side=256)
@@ -240,7 +350,8 @@ def main(argv=None) -> int:
         print_projection(gpu)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "config": cfg, "measurements": rows, "ratios": found, "verdict": lines,
+            json.dump({"machine": info, "config": cfg, "load": {"before": before, "after": after, "warning": warning},
+                       "measurements": rows, "ratios": found, "stage_costs": costs, "verdict": lines,
                        "gpu_projection": gpu}, f, indent=1)
     return 0
 

@@ -1,112 +1,225 @@
-"""Loader measurements for tools/benchmark.py: our DALI loader, the two baselines, and bare decoding.
-Each function runs in its own process and returns {"seconds": [...], "items": n}: the time of each of cfg["reps"]
-runs of cfg["batches"] batches (n clips), after cfg["warmup"] batches."""
+"""Loader measurements of tools/benchmark.py. Each function is called once in the contender's own process (the set-up:
+loaders, pipelines, batches read beforehand) and returns the function that runs one round: cfg["warmup"] batches
+untimed (the pipeline back to its steady state after the pause between rounds), then cfg["batches"] timed.
+
+- loader: our loader (batches as the model takes them: normalized, on the device)
+- baseline: a hand-written PyTorch DataLoader, or the mae_st way (tools/bench/baselines.py)
+- decode_limit: decoding the same frames and nothing else, of batches read and planned beforehand
+- stages: the views pipeline taken apart on batches read beforehand: decoding; + each view's resize; + the rest of
+  the views pipeline (flip, layout); + the copy into the torch batch. Per-view cost = (full - decode) / R.
+"""
 
 import time
 
 _KEEP_UNTIL_EXIT = []
 
 
-def time_calls(next_batch, batches: int, warmup: int, reps: int) -> list[float]:
-    """Seconds per rep of `batches` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        next_batch()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(batches):
+def _timed(next_batch, cfg: dict, clips_per_batch: int):
+    def run_round() -> dict:
+        for _ in range(cfg["warmup"]):
             next_batch()
-        times.append(time.perf_counter() - start)
-    return times
+        start = time.perf_counter()
+        for _ in range(cfg["batches"]):
+            next_batch()
+        return {"seconds": time.perf_counter() - start, "items": cfg["batches"] * clips_per_batch}
+
+    return run_round
 
 
-def _repeat(loader):
+def _endless(loader):
     while True:
         yield from loader
 
 
-def measure_loader(cfg: dict, decoder: str, repeats: int) -> dict:
-    from dali_pipes import build_pretrain_loader
+def _config(cfg: dict, decoder: str, repeats: int):
+    from dali_pipes import LoaderConfig, TrainViews, ViewSpec
 
-    loader = build_pretrain_loader(cfg["shards"], batch_size=cfg["batch_size"], repeats=repeats,
-                                   num_frames=cfg["num_frames"], stride=cfg["stride"], crop_size=cfg["crop_size"],
-                                   decoder=decoder, num_threads=cfg["workers"], split=cfg["split"])
-    stream = _repeat(loader)
-    seconds = time_calls(lambda: next(stream), cfg["batches"], cfg["warmup"], cfg["reps"])
-    loader.close()
-    return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
+    segments = cfg["sampling"] == "segments"  # as the SSv2 recipes: each view its own draw, no flips
+    spec = ViewSpec(num_frames=cfg["num_frames"], sampling=cfg["sampling"], stride=cfg["stride"], repeats=repeats,
+                    per_view_start=segments, flip=not segments, crop_size=cfg["crop_size"])
+    return LoaderConfig(cfg["shards"], TrainViews(spec), split=cfg["split"], batch_size=cfg["batch_size"],
+                        decoder=decoder, num_threads=cfg["workers"], device=cfg["device"])
 
 
-def measure_baseline(cfg: dict, whole_video: bool, repeats: int) -> dict:
-    from dali_pipes.sampling import ViewSpec
+def loader(cfg: dict, decoder: str, repeats: int):
+    import torch
+
+    from dali_pipes import VideoLoader
+
+    stream = _endless(VideoLoader(_config(cfg, decoder, repeats)))
+
+    def next_batch():
+        video = next(stream)["video"]
+        if video.is_cuda:
+            torch.cuda.synchronize(video.device)
+
+    return _timed(next_batch, cfg, cfg["batch_size"])
+
+
+def baseline(cfg: dict, whole_video: bool, repeats: int):
+    from dali_pipes import ViewSpec
     from dali_pipes.shard_set import open_shard_set
     from tools.bench.baselines import build_baseline_loader
 
     spec = ViewSpec(num_frames=cfg["num_frames"], stride=cfg["stride"], repeats=repeats, crop_size=cfg["crop_size"])
-    loader = build_baseline_loader(open_shard_set(cfg["shards"], cfg["split"]).tars, spec, cfg["batch_size"],
-                                   cfg["workers"], whole_video)
-    stream = iter(loader)
-    seconds = time_calls(lambda: next(stream), cfg["batches"], cfg["warmup"], cfg["reps"])
-    # Not shut down: its workers were seen to abort in their teardown ("terminate called without an active
-    # exception", torch 2.13 + PyAV 18), after the measurement; benchmark.py kills them with the process.
+    stream = iter(build_baseline_loader(open_shard_set(cfg["shards"], cfg["split"]).tars, spec, cfg["batch_size"],
+                                        cfg["workers"], whole_video))
+    # Never shut down: its workers were seen to abort in their teardown ("terminate called without an active
+    # exception", torch 2.13 + PyAV 18); the contender kills them with its process.
     _KEEP_UNTIL_EXIT.append(stream)
-    return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
+    return _timed(lambda: next(stream), cfg, cfg["batch_size"])
 
 
-def measure_decode_limit(cfg: dict, decoder: str) -> dict:
-    """Decoding alone, of the loader's own reads and frame plans prepared beforehand; outputs never copied out."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _planned_batches(cfg: dict, config, count: int = 16) -> list:
+    """Feeds read and planned as the loader would, recycled by the rounds (enough to defeat any caching)."""
     import numpy as np
-    from nvidia.dali import fn, pipeline_def, types
 
-    from dali_pipes.decoders.pyav import decode_frames
+    from dali_pipes.feed import Feed
     from dali_pipes.reader import ShardReader
-    from dali_pipes.sampling import ViewSpec, plan_train_sample
     from dali_pipes.shard_format import unpack_info
     from dali_pipes.shard_set import open_shard_set
 
-    shards = open_shard_set(cfg["shards"], cfg["split"])
-    reader = ShardReader(shards, cfg["batch_size"], 0, 1, 0, True, 1024, cfg["workers"])
-    spec = ViewSpec(num_frames=cfg["num_frames"], stride=cfg["stride"], repeats=1, crop_size=cfg["crop_size"])
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(min(cfg["batches"], 16)):  # recycled: enough distinct batches to defeat any caching
-        encoded, info, _, _ = reader.next_batch()
-        metas = [unpack_info(row.tobytes()) for row in info]
-        frames = [plan_train_sample(m["num_frames"], m["fps_milli"] / 1000, m["height"], m["width"], spec, rng).frames
-                  for m in metas]
-        batches.append((encoded, frames))
-    count = [0]
+    reader = ShardReader(open_shard_set(cfg["shards"], cfg["split"]), cfg["batch_size"], 0, 1, 0, True, 1024,
+                         cfg["workers"])
+    rng, feeds = np.random.default_rng(0), []
+    for position in range(count):
+        encoded, info, names, state = reader.next_batch()
+        plans = [config.views.plan(unpack_info(row.tobytes()), rng) for row in info]
+        feeds.append(Feed(0, position, encoded, plans, info[:, 0].astype(np.int64), names, len(names), state))
+    return feeds
 
-    def next_inputs():
-        count[0] += 1
-        return batches[count[0] % len(batches)]
 
-    if decoder == "pyav":
-        with ThreadPoolExecutor(cfg["workers"]) as pool:
-            seconds = time_calls(lambda: list(pool.map(decode_frames, *next_inputs())), cfg["batches"],
-                                 cfg["warmup"], cfg["reps"])
-        return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
+def _cycle(items: list):
+    while True:
+        yield from items
 
-    @pipeline_def(batch_size=cfg["batch_size"], num_threads=cfg["workers"], device_id=None if decoder == "dali-cpu"
-                  else 0, prefetch_queue_depth=1)
-    def decode_only():
-        data = fn.external_source(name="data", dtype=types.UINT8)
-        frames = fn.external_source(name="frames", dtype=types.INT32)
-        return fn.decoders.video(data, device="cpu" if decoder == "dali-cpu" else "mixed", frames=frames)
 
-    pipe = decode_only()
+def torchcodec_missing() -> str | None:
+    """Why torchcodec cannot decode here (it needs FFmpeg's shared libraries and a build matching this torch), or
+    None: then the benchmark measures it as a candidate host decoder beside PyAV."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception as err:  # ImportError, or OSError from a library that does not load
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    return None
+
+
+def _torchcodec_frames(encoded, indices):
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(bytes(encoded), seek_mode="exact", num_ffmpeg_threads=1)
+    return decoder.get_frames_at(indices=[int(i) for i in indices]).data  # uint8 [F, C, H, W]
+
+
+def decode_limit(cfg: dict, decoder: str):
+    """Decoding alone, of the loader's own reads and frame plans prepared beforehand; outputs never copied out.
+    `decoder` is a loader decoder, or "torchcodec" (a candidate host decoder, not one of the loader's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dali_pipes.decoders import make_decoder
+
+    config = _config(cfg, "pyav" if decoder == "torchcodec" else decoder, 1)
+    backend = None if decoder == "torchcodec" else make_decoder(decoder)
+    feeds = _cycle(_planned_batches(cfg, config))
+    if backend is None or not backend.decodes_in_dali:
+        frames, pool = backend.frames if backend else _torchcodec_frames, ThreadPoolExecutor(cfg["workers"])
+        _KEEP_UNTIL_EXIT.append(pool)
+
+        def next_batch():
+            feed = next(feeds)
+            list(pool.map(frames, feed.data, [p.frames for p in feed.plans]))
+
+        return _timed(next_batch, cfg, cfg["batch_size"])
+    pipe = _pipeline(config, lambda data, frames: backend.dali_node(data, frames))
+    return _timed(lambda: _run(pipe, next(feeds)), cfg, cfg["batch_size"])
+
+
+def _pipeline(config, graph, threads=None):
+    """A one-batch-in-flight DALI pipeline of `graph(data, frames)` over external sources fed by _run."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    cuda = config.device.type == "cuda"
+
+    @pipeline_def(batch_size=config.batch_size, num_threads=threads or config.threads, prefetch_queue_depth=1,
+                  device_id=(config.device.index or 0) if cuda else None)
+    def pipeline():
+        return graph(fn.external_source(name="data", dtype=types.UINT8),
+                     fn.external_source(name="frames", dtype=types.INT32))
+
+    pipe = pipeline()
     pipe.build()
+    return pipe
 
-    def next_batch():
-        encoded, frames = next_inputs()
-        pipe.feed_input("data", encoded)
-        pipe.feed_input("frames", frames)
-        pipe.run()
 
-    seconds = time_calls(next_batch, cfg["batches"], cfg["warmup"], cfg["reps"])
-    return {"seconds": seconds, "items": cfg["batches"] * cfg["batch_size"]}
+def _decode_inputs(feed) -> dict:
+    return {"data": feed.data, "frames": [p.frames for p in feed.plans]}
+
+
+def _run(pipe, feed, inputs=None):
+    for name, values in (inputs or _decode_inputs(feed)).items():
+        pipe.feed_input(name, values)
+    pipe.schedule_run()
+    outputs = pipe.share_outputs()
+    pipe.release_outputs()
+    return outputs
+
+
+def stages(cfg: dict, decoder: str, repeats: int):
+    """Each stage of the views pipeline timed on the same batches in the same round: a round's seconds are those of
+    the whole (decode, views, copy), and "stages" holds the seconds of each cumulative stage."""
+    from nvidia.dali import fn, types
+
+    from dali_pipes.batch_assembler import BatchAssembler
+    from dali_pipes.feed import Inputs
+    from dali_pipes.decoders import make_decoder
+    from dali_pipes.views_pipeline import build_views_pipeline
+
+    config, backend = _config(cfg, decoder, repeats), make_decoder(decoder)
+    if not backend.decodes_in_dali:
+        raise ValueError(f"stages are measured for DALI decoders; {decoder} decodes on the host")
+    feeds = _planned_batches(cfg, config)
+    size = [config.views.spec.crop_size] * 2
+
+    def resized(data, frames):  # decoding, then each view's resize of its own crop (as views_pipeline.py does)
+        video = backend.dali_node(data, frames)
+        return tuple(fn.resize(video, size=size, roi_relative=True, antialias=False,
+                               roi_start=fn.external_source(name=Inputs.roi_start(v), dtype=types.FLOAT),
+                               roi_end=fn.external_source(name=Inputs.roi_end(v), dtype=types.FLOAT))
+                     for v in range(repeats))
+
+    decode, resize = _pipeline(config, backend.dali_node), _pipeline(config, resized)
+    views, assemble = build_views_pipeline(config, backend, config.threads), BatchAssembler(config)
+    shared = config.views.shared_frames
+    position = [0]
+
+    def run_round() -> dict:
+        seconds = {"decode": 0.0, "decode + resize": 0.0, "views pipeline": 0.0, "views + copy to torch": 0.0}
+        for count in range(cfg["warmup"] + cfg["batches"]):
+            feed = feeds[position[0] % len(feeds)]
+            position[0] += 1
+            boxes = {name: values for name, values in feed.inputs(False, shared).items() if name.startswith("roi_")}
+            for stage, work in (("decode", lambda: _run(decode, feed)),
+                                ("decode + resize", lambda: _run(resize, feed, {**_decode_inputs(feed), **boxes})),
+                                ("views pipeline", lambda: _run(views, feed, feed.inputs(False, shared))),
+                                ("views + copy to torch", lambda: _views_and_copy(views, assemble, feed, shared))):
+                start = time.perf_counter()
+                work()
+                if count >= cfg["warmup"]:
+                    seconds[stage] += time.perf_counter() - start
+        return {"seconds": seconds["views + copy to torch"], "items": cfg["batches"] * cfg["batch_size"],
+                "stages": {stage: s / cfg["batches"] for stage, s in seconds.items()}}  # per batch
+
+    return run_round
+
+
+def _views_and_copy(pipe, assemble, feed, shared: bool):
+    for name, values in feed.inputs(False, shared).items():
+        pipe.feed_input(name, values)
+    pipe.schedule_run()
+    try:
+        return assemble(feed, pipe.share_outputs())
+    finally:
+        pipe.release_outputs()
 
 
 def available_decoders(cfg: dict) -> list[str]:

@@ -1,35 +1,56 @@
-"""Model and end-to-end measurements for tools/benchmark.py.
+"""Model and end-to-end measurements of tools/benchmark.py, set up once per contender process, timed round by round.
 
-model: one MAE training step (forward, backward, AdamW) at a size and batch, timed like the loaders, with the same
-process's dense-matmul FLOP/s as the practical peak, so MFU is a ratio measured in one run.
-e2e: the real trainer (trainer/pretrain.py) for some steps; its metrics.jsonl gives step rate, data wait and MFU.
+- model_step: one MAE training step (forward, backward, AdamW) at a size and batch; each round also measures this
+  process's dense-matmul FLOP/s right before and right after the steps, so the MFU of a round is a ratio taken in
+  one moment.
+- model_parts: where the step's time goes: embedding and encoder, decoder, loss (targets included), backward,
+  optimizer, each timed alone on the same batch.
+- e2e: the real trainer (trainer/run.py Run, the demo recipe by default) in this process; a round is some steps,
+  with the share of their time spent waiting for data.
 """
 
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
+import time
 
-from tools.bench.loaders import time_calls
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_KEEP_UNTIL_EXIT = []
 
 
-def measure_model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: int) -> dict:
+def _device_and_dtype():
     import torch
 
-    from models import build_pretrain_model, pretrain_macs
-    from trainer.device_peak import measured_matmul_peak
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 only where it is fast
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 only where it is fast
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_and_batch(cfg: dict, size: str, batch: int, attn_impl: str, fused_adamw: bool = True):
+    import torch
+
+    from models import build_pretrain_model
+
+    device, dtype = _device_and_dtype()
     torch.manual_seed(0)
     model = build_pretrain_model(size, attn_impl=attn_impl, **cfg.get("model_options", {})).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # fused as the trainer (trainer/engine.py); foreach, torch's default, for the before/after of that choice
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw, foreach=not fused_adamw)
     c = model.cfg
     videos = torch.randn(batch, 3, c.num_frames, c.img_size, c.img_size, device=device)
+    return model, optimizer, videos, device, dtype
+
+
+def model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: int, fused_adamw: bool = True):
+    import torch
+
+    from models import pretrain_macs
+    from trainer.device_peak import measured_matmul_peak
+
+    model, optimizer, videos, device, dtype = _model_and_batch(cfg, size, batch, attn_impl, fused_adamw)
+    flops_per_step = 6 * pretrain_macs(model.cfg, 0.9, mask_repeats=mask_repeats) * batch
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -37,30 +58,96 @@ def measure_model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_re
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
 
-    seconds = time_calls(step, cfg["model_steps"], 1, cfg["reps"])
-    flops_per_step = 6 * pretrain_macs(c, 0.9, mask_repeats=mask_repeats) * batch
-    peak = measured_matmul_peak(device, dtype, seconds=1.0)
-    achieved = flops_per_step * cfg["model_steps"] / statistics.median(seconds)
-    return {"seconds": seconds, "items": cfg["model_steps"] * batch, "achieved_flops": achieved,
-            "peak_flops": peak, "mfu": achieved / peak, "attention": attn_impl}
+    warm = []
+
+    def run_round() -> dict:
+        if not warm:  # the first round warms up (a model stays warm through the pauses between rounds)
+            step()
+            warm.append(True)
+        peak_before = measured_matmul_peak(device, dtype, seconds=0.25)
+        start = time.perf_counter()
+        for _ in range(cfg["model_steps"]):
+            step()
+        seconds = time.perf_counter() - start
+        peak = (peak_before + measured_matmul_peak(device, dtype, seconds=0.25)) / 2
+        achieved = flops_per_step * cfg["model_steps"] / seconds
+        return {"seconds": seconds, "items": cfg["model_steps"] * batch, "achieved_flops": achieved,
+                "peak_flops": peak, "mfu": achieved / peak}
+
+    return run_round
 
 
-def measure_e2e(cfg: dict, recipe: str, ds_config: str, steps: int) -> dict:
-    """The trainer, one process, for `steps` steps on the benchmark's shards; the first fifth is warm-up."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config", ds_config,
-                   "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir, "--max-steps", str(steps),
-                   f"checkpoint_every={10 * steps}", f"image_every={10 * steps}", f"split={cfg['split']}"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"the trainer failed: {result.stderr[-1500:]}")
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f][steps // 5:]
-        with open(os.path.join(run_dir, "config.json")) as f:
-            clips_per_step = json.load(f)["clips_per_step"]
-    return {"seconds": [clips_per_step / r["clips_per_s"] for r in rows], "items": clips_per_step,
-            "data_wait_share": statistics.median(r["data_wait_share"] for r in rows),
-            "mfu": statistics.median(r["mfu"] for r in rows)}
+def model_parts(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: int):
+    """Seconds of each part of a training step, the parts timed one after the other on one batch."""
+    import torch
+
+    model, optimizer, videos, device, dtype = _model_and_batch(cfg, size, batch, attn_impl)
+    num_tokens, autocast = model.cfg.num_patches, torch.autocast(device.type, dtype=dtype,
+                                                                enabled=dtype != torch.float32)
+
+    def timed(seconds: dict, part: str, work):
+        _sync(device)
+        start = time.perf_counter()
+        result = work()
+        _sync(device)
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
+        return result
+
+    def step(seconds: dict) -> None:
+        noise = torch.rand(batch * mask_repeats, num_tokens, device=device)
+        with autocast:
+            latent, mask, ids_restore = timed(seconds, "embed + encoder", lambda: model.forward_encoder(
+                videos, 0.9, noise, mask_repeats))
+            pred = timed(seconds, "decoder", lambda: model.forward_decoder(latent, ids_restore))
+            loss = timed(seconds, "loss (targets included)", lambda: model.loss(videos, pred, mask, mask_repeats))
+        timed(seconds, "backward", loss.backward)
+        timed(seconds, "optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+
+    warm = []
+
+    def run_round() -> dict:
+        if not warm:
+            step({})
+            warm.append(True)
+        seconds = {}
+        for _ in range(cfg["model_steps"]):
+            step(seconds)
+        return {"seconds": sum(seconds.values()), "items": cfg["model_steps"] * batch,
+                "parts": {part: s / cfg["model_steps"] for part, s in seconds.items()}}  # per step
+
+    return run_round
+
+
+def e2e(cfg: dict, recipe: str, ds_config: str, steps: int):
+    """The trainer on the benchmark's shards, in this process: a round is `steps` optimizer steps."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from trainer.pretrain import Pretraining
+    from trainer.run import Run, prepare
+
+    run_dir = tempfile.mkdtemp(prefix="bench-e2e-")
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg["workers"]))
+    task, args, resolved, model_cfg = prepare(Pretraining, [
+        "--ds_config", ds_config, "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir,
+        "checkpoint_every=0", "image_every=0", "log_every=0", f"split={cfg['split']}"])
+    run = Run(task, args, resolved, model_cfg, quiet=True)
+    _KEEP_UNTIL_EXIT.append(run)
+
+    def run_round() -> dict:
+        run.run_steps(run.step + 2)  # warm-up
+        start, first = time.perf_counter(), run.step
+        problem = run.run_steps(run.step + steps)
+        if problem:
+            raise RuntimeError(problem)
+        seconds = time.perf_counter() - start
+        rows = [r for r in run.monitor.history if r["step"] > first]
+        return {"seconds": seconds, "items": steps * run.clips_per_step,
+                "data_wait_share": float(np.median([r["data_wait_share"] for r in rows])),
+                "mfu": float(np.median([r["mfu"] for r in rows]))}
+
+    return run_round
