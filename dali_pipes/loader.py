@@ -148,7 +148,8 @@ def build_pretrain_loader(shards_dir: str, batch_size: int = 8, repeats: int = 4
                           stride: int = 4, crop_size: int = 224, **options) -> VideoLoader:
     """MAE-ST pretraining: R views per decoded clip, random resized crop (scale 0.5-1, aspect 3/4-4/3), flip.
     options: target_fps, per_view_start, scale, ratio, flip (ViewSpec) and any LoaderConfig field."""
-    spec_fields = {k: options.pop(k) for k in ("target_fps", "per_view_start", "scale", "ratio", "flip") if k in options}
+    spec_fields = {k: options.pop(k) for k in ("target_fps", "per_view_start", "scale", "ratio", "flip")
+                   if k in options}
     spec = ViewSpec(num_frames=num_frames, stride=stride, repeats=repeats, crop_size=crop_size, **spec_fields)
     return VideoLoader(LoaderConfig(shards_dir, TrainViews(spec), batch_size=batch_size, **options))
 

@@ -27,8 +27,8 @@ def official_layout(folder):
     (folder / "something-something-v2-train.json").write_text(json.dumps([
         {"id": "78687", "label": "holding potato next to vicks vaporub bottle",
          "template": "Holding [something] next to [something]", "placeholders": ["potato", "vicks vaporub bottle"]},
-        {"id": "42326", "label": "pushing a cup from left to right", "template": "Pushing [something] from left to right",
-         "placeholders": ["a cup"]}]))
+        {"id": "42326", "label": "pushing a cup from left to right",
+         "template": "Pushing [something] from left to right", "placeholders": ["a cup"]}]))
     (folder / "something-something-v2-validation.json").write_text(json.dumps([
         {"id": "74225", "label": "pushing pen from right to left", "template": "Pushing [something] from right to left",
          "placeholders": ["pen"]}]))

@@ -42,7 +42,8 @@ def plan_recompute(cfg, recipe, ds_config: dict, world_size: int, views: int, ca
     budget = (capacity - RESERVE_BYTES) * USABLE_SHARE
     where = f"{capacity / GB:.0f} GB GPU, {budget / GB:.0f} GB usable"
     if dense.total <= budget:
-        return with_options(cfg, grad_checkpointing=False), f"estimate {dense.describe()}; fits the {where}: no recompute"
+        return (with_options(cfg, grad_checkpointing=False),
+                f"estimate {dense.describe()}; fits the {where}: no recompute")
     if sparse.total <= budget:
         return with_options(cfg, grad_checkpointing=True), (
             f"estimate {dense.describe()} does not fit the {where}; recomputing blocks: {sparse.describe()}")

@@ -154,8 +154,8 @@ class Run:
                     "data": self.args.data, "world_size": self.env.world_size, "device": str(self.env.device),
                     "dtype": str(self.dtype), "clips_per_step": self.clips_per_step, "lr": self.lr,
                     "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                    "stop_at": self.stop_at, "model": asdict(self.model.cfg), "loader_decoder": self.loader.decoder.name,
-                    "memory": self.memory_note, "peak_flops": peak}
+                    "stop_at": self.stop_at, "model": asdict(self.model.cfg),
+                    "loader_decoder": self.loader.decoder.name, "memory": self.memory_note, "peak_flops": peak}
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(resolved, f, indent=1, default=str)

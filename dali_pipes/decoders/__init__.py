@@ -46,8 +46,9 @@ def choose_decoder(requested, codecs: dict, has_gpu: bool) -> tuple[Decoder, str
         if decoder.needs_gpu and not has_gpu:
             raise ValueError(f"decoder={requested!r} needs a CUDA GPU, and none is visible to torch and DALI")
         if decoder.reads(codecs):
+            rebuild = "h264" if has_gpu else "vp9"
             raise ValueError(f"decoder={requested!r} cannot read {decoder.reads(codecs)}, which these shards hold: "
-                             f"use decoder='pyav' (or rebuild the shards with --codec {'vp9' if not has_gpu else 'h264'})")
+                             f"use decoder='pyav' (or rebuild the shards with --codec {rebuild})")
         return decoder, "requested"
     refused = []
     for name in DECODERS:

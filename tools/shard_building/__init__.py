@@ -1,1 +1,2 @@
-"""The parts of tools/build_shards.py: where clips come from, how each is checked and prepared, how shards are written."""
+"""The parts of tools/build_shards.py: where clips come from, how each is checked and prepared, how shards are
+written."""
