@@ -328,8 +328,10 @@ def main(argv=None) -> int:
     cfg["device"] = "cuda" if info["gpu"] else "cpu"
     print(f"machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}; torch {info['torch']}, "
           f"DALI {info['dali']}, PyAV {info['av']}")
-    print(f"shards {cfg['shards']} ({cfg['split']}); batches of {cfg['batch_size']} clips of {cfg['num_frames']}x"
-          f"{cfg['stride']} frames, crop {cfg['crop_size']}; {cfg['rounds']} rounds of {cfg['batches']} batches after "
+    frames = (f"{cfg['num_frames']} frames, one per segment" if cfg["sampling"] == "segments"
+              else f"{cfg['num_frames']}x{cfg['stride']} frames")
+    print(f"shards {cfg['shards']} ({cfg['split']}); batches of {cfg['batch_size']} clips of {frames}, crop "
+          f"{cfg['crop_size']}; {cfg['rounds']} rounds of {cfg['batches']} batches after "
           f"{cfg['warmup']} warm-up, the measurements of a group in turn; {cfg['workers']} workers", flush=True)
     before, start = load(), time.perf_counter()
     rows = []
