@@ -87,6 +87,11 @@ def growth(rows: list[dict]) -> tuple[float, int]:
     return median(late, "rss_mb") / median(early, "rss_mb") - 1, round(median(late, "fds") - median(early, "fds"))
 
 
+def loader_growth(rows: list[dict]) -> tuple[float, int]:
+    """growth() of the loader's epochs after its warm-up, the first quarter of them (see the docstring)."""
+    return growth(rows[max(1, len(rows) // 4):])
+
+
 def soak_loader(shards: str, epochs: int, batch_size: int) -> list[dict]:
     from dali_pipes import build_pretrain_loader
 
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     shards = args.shards or soak_shards(args.out)
     verdicts = {}
     rows = soak_loader(shards, args.epochs, args.batch_size)
-    verdicts["loader"] = growth(rows[max(1, len(rows) // 4):])  # after the warm-up (see the docstring)
+    verdicts["loader"] = loader_growth(rows)
     if args.train_steps:
         samples = soak_training(args.demo_shards, args.train_steps, args.out)
         verdicts["training"] = growth(samples[len(samples) // 10:])  # after the first tenth (start-up, first epoch)
