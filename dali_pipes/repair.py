@@ -6,7 +6,7 @@ steps). Host decoders report their bad clips themselves; they are replaced the s
 import logging
 
 from dali_pipes.dali_errors import NVDEC_HELP, first_meaningful_line, nvdec_missing
-from dali_pipes.views_pipeline import build_views_pipeline
+from dali_pipes.views_pipeline import build_views_pipeline, run_batch
 
 log = logging.getLogger("dali_pipes")
 
@@ -51,10 +51,4 @@ class BatchRepair:
 
     def _run_side(self, feed, indices=None, collect=lambda views: None):
         inputs = feed.inputs(not self.decoder.decodes_in_dali, self.config.views.shared_frames, indices)
-        for name, values in inputs.items():
-            self._side.feed_input(name, values)
-        self._side.schedule_run()
-        try:
-            return collect(self._side.share_outputs())
-        finally:
-            self._side.release_outputs()
+        return run_batch(self._side, inputs, collect)

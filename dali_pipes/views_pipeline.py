@@ -67,3 +67,15 @@ def build_views_pipeline(config, decoder, num_threads: int):
     pipe = pipeline()
     pipe.build()
     return pipe
+
+
+def run_batch(pipe, inputs: dict, collect=lambda outputs: None):
+    """One batch through `pipe` and back, nothing else in flight: feed `inputs` (external-source name -> values),
+    run, and return collect(outputs), called before DALI takes its output buffers back."""
+    for name, values in inputs.items():
+        pipe.feed_input(name, values)
+    pipe.schedule_run()
+    try:
+        return collect(pipe.share_outputs())
+    finally:
+        pipe.release_outputs()

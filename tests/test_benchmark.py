@@ -45,6 +45,25 @@ def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
     assert report["gpu_projection"]["accelerator"] == "H100"
 
 
+def test_stages_and_decode_limit_run_and_report(tmp_path):
+    shards = make_shards(tmp_path, n=4, frames=40)
+    out = tmp_path / "stages.json"
+    small = ["--shards", shards, "--batch-size", "2", "--batches", "1", "--warmup", "1", "--rounds", "1",
+             "--crop-size", "32"]
+    assert benchmark.main(["stages", *small, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {m["name"]: m for m in report["measurements"]}
+    for r in (1, 4):
+        stages = rows[f"stages dali-cpu R={r}"]["stages"]
+        assert list(stages) == ["decode", "decode + resize", "views pipeline", "views + copy to torch"]
+        assert all(seconds > 0 for seconds in stages.values())
+    assert report["stage_costs"]["decode_s_per_batch"] > 0 and report["stage_costs"]["ceiling_r4_vs_r1_views"] > 0
+    assert benchmark.main(["decode-limit", *small, "--json", str(out)]) == 0
+    rows = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert {"decode-limit dali-cpu", "decode-limit pyav"} <= set(rows)
+    assert all(rows[name]["median"] > 0 for name in ("decode-limit dali-cpu", "decode-limit pyav"))
+
+
 def test_per_round_ratio():
     rows = {"a": {"rounds": [10.0, 20.0, 30.0], "views_per_clip": 4}, "b": {"rounds": [10.0, 10.0, 20.0],
                                                                              "views_per_clip": 1}}

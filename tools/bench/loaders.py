@@ -117,6 +117,7 @@ def decode_limit(cfg: dict, decoder: str):
     from concurrent.futures import ThreadPoolExecutor
 
     from dali_pipes.decoders import make_decoder
+    from dali_pipes.views_pipeline import run_batch
 
     config = _config(cfg, "pyav" if decoder == "torchcodec" else decoder, 1)
     backend = None if decoder == "torchcodec" else make_decoder(decoder)
@@ -130,12 +131,12 @@ def decode_limit(cfg: dict, decoder: str):
             list(pool.map(frames, feed.data, [p.frames for p in feed.plans]))
 
         return _timed(next_batch, cfg, cfg["batch_size"])
-    pipe = _pipeline(config, lambda data, frames: backend.dali_node(data, frames))
-    return _timed(lambda: _run(pipe, next(feeds)), cfg, cfg["batch_size"])
+    pipe = _pipeline(config, backend.dali_node)
+    return _timed(lambda: run_batch(pipe, _decode_inputs(next(feeds))), cfg, cfg["batch_size"])
 
 
 def _pipeline(config, graph, threads=None):
-    """A one-batch-in-flight DALI pipeline of `graph(data, frames)` over external sources fed by _run."""
+    """A one-batch-in-flight DALI pipeline of `graph(data, frames)` over external sources (run_batch feeds it)."""
     from nvidia.dali import fn, pipeline_def, types
 
     cuda = config.device.type == "cuda"
@@ -155,15 +156,6 @@ def _decode_inputs(feed) -> dict:
     return {"data": feed.data, "frames": [p.frames for p in feed.plans]}
 
 
-def _run(pipe, feed, inputs=None):
-    for name, values in (inputs or _decode_inputs(feed)).items():
-        pipe.feed_input(name, values)
-    pipe.schedule_run()
-    outputs = pipe.share_outputs()
-    pipe.release_outputs()
-    return outputs
-
-
 def stages(cfg: dict, decoder: str, repeats: int):
     """Each stage of the views pipeline timed on the same batches in the same round: a round's seconds are those of
     the whole (decode, views, copy), and "stages" holds the seconds of each cumulative stage."""
@@ -172,7 +164,7 @@ def stages(cfg: dict, decoder: str, repeats: int):
     from dali_pipes.batch_assembler import BatchAssembler
     from dali_pipes.feed import Inputs
     from dali_pipes.decoders import make_decoder
-    from dali_pipes.views_pipeline import build_views_pipeline
+    from dali_pipes.views_pipeline import build_views_pipeline, run_batch
 
     config, backend = _config(cfg, decoder, repeats), make_decoder(decoder)
     if not backend.decodes_in_dali:
@@ -198,10 +190,11 @@ def stages(cfg: dict, decoder: str, repeats: int):
             feed = feeds[position[0] % len(feeds)]
             position[0] += 1
             boxes = {name: values for name, values in feed.inputs(False, shared).items() if name.startswith("roi_")}
-            for stage, work in (("decode", lambda: _run(decode, feed)),
-                                ("decode + resize", lambda: _run(resize, feed, {**_decode_inputs(feed), **boxes})),
-                                ("views pipeline", lambda: _run(views, feed, feed.inputs(False, shared))),
-                                ("views + copy to torch", lambda: _views_and_copy(views, assemble, feed, shared))):
+            for stage, work in (("decode", lambda: run_batch(decode, _decode_inputs(feed))),
+                                ("decode + resize", lambda: run_batch(resize, {**_decode_inputs(feed), **boxes})),
+                                ("views pipeline", lambda: run_batch(views, feed.inputs(False, shared))),
+                                ("views + copy to torch", lambda: run_batch(views, feed.inputs(False, shared),
+                                                                            lambda outputs: assemble(feed, outputs)))):
                 start = time.perf_counter()
                 work()
                 if count >= cfg["warmup"]:
@@ -210,16 +203,6 @@ def stages(cfg: dict, decoder: str, repeats: int):
                 "stages": {stage: s / cfg["batches"] for stage, s in seconds.items()}}  # per batch
 
     return run_round
-
-
-def _views_and_copy(pipe, assemble, feed, shared: bool):
-    for name, values in feed.inputs(False, shared).items():
-        pipe.feed_input(name, values)
-    pipe.schedule_run()
-    try:
-        return assemble(feed, pipe.share_outputs())
-    finally:
-        pipe.release_outputs()
 
 
 def available_decoders(cfg: dict) -> list[str]:
