@@ -6,12 +6,11 @@ augmentation, and the tests can check every number.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
-
-
-SAMPLINGS = ("stride", "segments")
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class ViewSpec:
     """How the views of one decoded clip are made."""
 
     num_frames: int = 16
-    # stride: num_frames frames `stride` apart from a random start (Kinetics: 16 x 4, a 2-s window); segments: the
+    # a key of SAMPLINGS (below). stride: num_frames frames `stride` apart from a random start (Kinetics: 16 x 4, a 2-s window); segments: the
     # whole clip cut into num_frames equal segments, one frame from each (TSN-style, Something-Something v2's
     # custom: its 2-6 s clips are one action from start to end)
     sampling: str = "stride"
@@ -36,7 +35,7 @@ class ViewSpec:
         if self.num_frames < 1 or self.stride < 1 or self.repeats < 1 or self.crop_size < 1:
             raise ValueError(f"num_frames, stride, repeats and crop_size must be positive: {self}")
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, not {self.sampling!r}")
+            raise ValueError(f"sampling must be one of {tuple(SAMPLINGS)}, not {self.sampling!r}")
 
 
 # Resampling a crop down by more than this aliases visibly (fine textures turn to moire): filter first. Crops of
@@ -133,17 +132,48 @@ def _finish(frames, orders, upright_boxes, flips, height, width, rotation, crop_
                       rotation)
 
 
+class TemporalSampling(NamedTuple):
+    """Which frames a view takes: one random draw for training, and the num_clips evenly placed test clips."""
+
+    train: Callable  # (total, fps, spec, rng) -> frame indices [num_frames]
+    test: Callable  # (total, fps, spec, num_clips) -> list of frame indices [num_frames]
+
+
+def _stride_train(total: int, fps: float, spec: ViewSpec, rng) -> np.ndarray:
+    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+    return clip_indices(random_start(total, span, rng), spec.num_frames, spec.stride, fps, spec.target_fps, total)
+
+
+def _stride_test(total: int, fps: float, spec: ViewSpec, num_clips: int) -> list:
+    """Starts spread evenly from the first to the last possible one (one clip: the middle)."""
+    span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
+    last = max(0.0, math.floor(total - span))
+    starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
+    return [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total) for s in starts]
+
+
+def _segments_train(total: int, fps: float, spec: ViewSpec, rng) -> np.ndarray:
+    return segment_indices(total, spec.num_frames, rng.random(spec.num_frames))  # anywhere in each segment
+
+
+def _segments_test(total: int, fps: float, spec: ViewSpec, num_clips: int) -> list:
+    """Clip k takes each segment's frame (k + 1/2) / num_clips of the way through it (one clip: the middles)."""
+    return [segment_indices(total, spec.num_frames, np.full(spec.num_frames, (k + 0.5) / num_clips))
+            for k in range(num_clips)]
+
+
+# stride: num_frames frames `stride` apart (Kinetics); segments: one frame from each of num_frames equal segments of
+# the whole clip (Something-Something v2). A recipe names one; a new policy is one entry here.
+SAMPLINGS = {"stride": TemporalSampling(_stride_train, _stride_test),
+             "segments": TemporalSampling(_segments_train, _segments_test)}
+
+
 def plan_train_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, rng,
                       rotation: int = 0) -> SamplePlan:
     """R views of one clip: one temporal start (or one per view), each view its own crop and flip, drawn on the
     upright frame (height x width is the stored frame, turned by `rotation` degrees clockwise for display)."""
-    draws = spec.repeats if spec.per_view_start else 1
-    if spec.sampling == "segments":  # a uniform draw within every segment
-        clips = [segment_indices(total, spec.num_frames, rng.random(spec.num_frames)) for _ in range(draws)]
-    else:
-        span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
-        clips = [clip_indices(random_start(total, span, rng), spec.num_frames, spec.stride, fps, spec.target_fps,
-                              total) for _ in range(draws)]
+    draw = SAMPLINGS[spec.sampling].train
+    clips = [draw(total, fps, spec, rng) for _ in range(spec.repeats if spec.per_view_start else 1)]
     if spec.per_view_start:
         frames, orders = _union(clips)
     else:  # the decoder returns the clip itself, edge-padding repeats included
@@ -168,19 +198,9 @@ def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
 
 def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, num_clips: int,
                      num_crops: int = 3, rotation: int = 0) -> SamplePlan:
-    """num_clips temporal clips spread evenly from the first to the last possible start (segments: clip k takes each
-    segment's frame (k + 1/2) / num_clips of the way through it; one clip: the middles), times num_crops spatial
-    crops; views ordered clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
-    if spec.sampling == "segments":
-        clips = [segment_indices(total, spec.num_frames, np.full(spec.num_frames, (k + 0.5) / num_clips))
-                 for k in range(num_clips)]
-    else:
-        span = clip_span(spec.num_frames, spec.stride, fps, spec.target_fps)
-        last = max(0.0, math.floor(total - span))
-        starts = np.linspace(0.0, last, num_clips) if num_clips > 1 else [last / 2]
-        clips = [clip_indices(np.floor(s), spec.num_frames, spec.stride, fps, spec.target_fps, total)
-                 for s in starts]
-    frames, orders = _union(clips)
+    """num_clips temporal clips placed evenly by the spec's sampling, times num_crops spatial crops; views ordered
+    clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
+    frames, orders = _union(SAMPLINGS[spec.sampling].test(total, fps, spec, num_clips))
     boxes = eval_boxes(*display_size(height, width, rotation), num_crops)
     return _finish(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops),
                    height, width, rotation, spec.crop_size)
