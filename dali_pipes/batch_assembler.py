@@ -1,6 +1,6 @@
-"""DALI's per-view outputs -> the torch batch the model takes: every view copied straight into its slice of one
-tensor on the device, laid out as the views say (view-major for training, clip-major with each row's video index
-for testing), the labels alongside."""
+"""DALI's per-view outputs -> the torch batch the model takes: every view of every part of a batch copied straight
+into its slice of one tensor on the device, laid out as the views say (view-major for training, clip-major with each
+row's video index for testing), the labels alongside."""
 
 import weakref
 
@@ -11,7 +11,6 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 class BatchAssembler:
     def __init__(self, config):
         self.device, self.dtype, self.layout = config.device, config.dtype, config.views.layout
-        self.batch_size = config.batch_size
         self._buffers, self._turn = [(None, lambda: None)] * 2, 0  # (buffer, the batch tensor made from it)
 
     def _output_buffer(self, shape, dtype) -> torch.Tensor:
@@ -24,24 +23,25 @@ class BatchAssembler:
             buffer = torch.empty(shape, dtype=dtype, device=self.device)
         return buffer
 
-    def __call__(self, feed, views: tuple) -> dict:
-        first = views[0].as_tensor()  # [B, C, T, S, S]
-        out = self._output_buffer((len(views), *first.shape()), to_torch_type[first.dtype])
+    def __call__(self, feed, parts: list) -> dict:
+        """The batch of `feed` from [(slice of the batch, its views: R DALI TensorLists)]."""
+        first = parts[0][1][0].as_tensor()  # [b, C, T, S, S]
+        out = self._output_buffer((len(parts[0][1]), len(feed.data), *first.shape()[1:]), to_torch_type[first.dtype])
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for v, view in enumerate(views):
-            feed_ndarray(view.as_tensor(), out[v], cuda_stream=stream)
+        for part, views in parts:
+            for v, view in enumerate(views):
+                feed_ndarray(view.as_tensor(), out[v, part], cuda_stream=stream)
         labels = torch.from_numpy(feed.labels)
         if self.device.type == "cuda":  # from pinned memory, without blocking the host
             labels = labels.pin_memory().to(self.device, non_blocking=True)
+        views_per_clip = out.shape[0]
         if self.layout == "view-major":  # row v * B + b is view v of clip b
             video = out.flatten(0, 1).to(self.dtype)
             self._buffers[self._turn] = (out, weakref.ref(video))
-            return {"video": video, "label": labels.repeat(len(views))}
+            return {"video": video, "label": labels.repeat(views_per_clip)}
         # clip-major: a video's views together, sharing its index; the padding at the end of an epoch keeps its
         # place (every rank runs the same forward passes, which ZeRO-3 needs) with index -1
-        first_clip = feed.position * self.batch_size
-        index = torch.arange(first_clip, first_clip + len(feed.labels))
-        index[feed.real:] = -1
         video = out.transpose(0, 1).flatten(0, 1).to(self.dtype)
-        return {"video": video, "label": labels.repeat_interleave(len(views)),
-                "video_index": index.to(self.device).repeat_interleave(len(views))}
+        index = torch.from_numpy(feed.indices).to(self.device)
+        return {"video": video, "label": labels.repeat_interleave(views_per_clip),
+                "video_index": index.repeat_interleave(views_per_clip)}

@@ -1,9 +1,9 @@
-"""The torch-facing video loader, a composition of units with one job each:
+"""The torch-facing video loader, a composition of units with one job each, which a clip passes through in order:
 
-    shard reader (reader.py) -> plans (sampling.py) -> [host decoder] -> a queue of Feeds   the reading thread
-    (feeder.py), prefetch batches ahead
-    -> views pipelines taking turns (pipeline_pool.py, views_pipeline.py; the decoder inside when it is DALI's)
-    -> the torch batch (batch_assembler.py); a batch a bad clip failed is repaired (repair.py)
+    shard reader (reader.py: DALI's webdataset reader, and the cursor) -> the reading thread (feeder.py: plans from
+    sampling.py, frames from a host decoder for the clips the route gives one) -> views pipelines taking turns
+    (pipeline_pool.py, views_pipeline.py: decode in DALI, make the views) -> the torch batch (batch_assembler.py);
+    a batch a bad clip failed is repaired (repair.py)
 
 Two DALI stages with a thread between them, for three reasons: the reading thread alone touches DALI's reader, so
 the order of batches, and with it exact resume, does not depend on timing; several views pipelines can run at
@@ -12,14 +12,12 @@ training and testing is data: the LoaderConfig's views (sampling.TrainViews / Ev
 """
 
 import logging
-import math
 
-from dali_pipes.batch_assembler import BatchAssembler
 from dali_pipes.config import LoaderConfig
-from dali_pipes.decoders import choose_decoder, gpu_available
+from dali_pipes.cursor import Cursor
+from dali_pipes.decoders import choose_route, gpu_capability
 from dali_pipes.feeder import Feeder
 from dali_pipes.pipeline_pool import PipelinePool
-from dali_pipes.repair import BatchRepair
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec
 from dali_pipes.shard_set import open_shard_set
 
@@ -38,110 +36,73 @@ class VideoLoader:
             raise ValueError(f"batch_size {config.batch_size} is larger than the {smallest} samples each of "
                              f"{config.world_size} rank(s) gets from the {self.shards.num_samples} in "
                              f"{config.shards} ({config.split})")
-        has_gpu = config.device.type == "cuda" and gpu_available()
-        self.decoder, why = choose_decoder(config.decoder, self.shards.codecs, has_gpu)
-        log.info("video decoder: %s (%s)", self.decoder.name, why)
+        self.route = choose_route(config.decoder, self.shards.formats, gpu_capability(config.device))
+        log.info("video decoder: %s (%s)", self.route.name, self.route.why)
         if config.shuffled:
             clip_mb = self.shards.num_bytes / max(1, self.shards.num_samples) / 1e6
             log.info("shuffle buffer: %d clips x %.2f MB = %.2f GB of host memory in this process (shuffle_buffer)",
                      config.shuffle_buffer, clip_mb, config.shuffle_buffer * clip_mb / 1e3)
-        self.assemble = BatchAssembler(config)
-        self.pool = PipelinePool(config, self.decoder)
-        self.repair = BatchRepair(config, self.decoder, self.assemble)
-        self.epoch, self.position = 0, 0  # of the next batch to yield
-        self._reader_state, self._reader_epochs, self._reader_start = None, 0, 0  # what resumes the reader
-        self._feeder, self._epoch_fed = None, False  # the reading thread; its end-of-epoch mark taken
-        self._batches_per_epoch = math.ceil(max(self.shards.rank_sizes(config.world_size)) / config.batch_size)
-
-    # --- public API ------------------------------------------------------------------------------------------------
+        self.pool = PipelinePool(config, self.route)
+        self.cursor = Cursor()  # after the last batch handed out: where iterating goes on
+        self._feeder = self._batches = None  # the reading thread, and the pool's stream of batches from it
 
     def __len__(self) -> int:
-        return self._batches_per_epoch
+        return self.shards.batches_per_epoch(self.config.batch_size, self.config.world_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self.cursor.epoch
 
     @property
     def skipped(self) -> int:
         """Undecodable clips replaced so far."""
-        return self.repair.skipped
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` (from its first batch) with its own fresh order; a no-op for the epoch already under way."""
-        if epoch != self.epoch:
-            self._stop_feeder()
-            self.epoch, self.position, self._reader_state = epoch, 0, None
-
-    def close(self) -> None:
-        """Stop the reading thread (it also stops with the process)."""
-        self._stop_feeder()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "reader": self._reader_state,
-                "reader_start": self._reader_start, "reader_epochs": self._reader_epochs, "skipped": self.skipped,
-                "layout": self._layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` was taken: same epoch, next batch, same order. On another rank layout (world size,
-        batch size) the epoch restarts from its first batch with a fresh order instead."""
-        self._stop_feeder()
-        self.epoch, self.repair.skipped = state["epoch"], state["skipped"]
-        if state["layout"] == self._layout() and state["reader"] is not None:
-            self.position, self._reader_state = state["position"], state["reader"]
-            self._reader_start, self._reader_epochs = state["reader_start"], state["reader_epochs"]
-        else:
-            log.warning("loader state was saved with %s, now %s: restarting epoch %d from its first batch",
-                        state["layout"], self._layout(), self.epoch)
-            self.position, self._reader_state = 0, None
+        return self.pool.repair.skipped
 
     def __iter__(self):
-        """The rest of the current epoch (all of it after set_epoch or at the start)."""
-        self._start_feeder()
-        if not len(self.pool):  # (batches left in flight by a loop left early belong to an epoch already fed)
-            self._epoch_fed = False
-        while self.pool.has_room() and self._submit_next():  # those left in flight come first
-            pass
-        while len(self.pool):
-            feed, batch, err = self.pool.collect(self.assemble)
-            if err is not None:
-                batch = self.repair.repair(feed, err)
-            self.repair.any_batch_decoded = True
-            self._submit_next()  # the next batch decodes while the caller trains on this one
-            self.position += 1
-            self._reader_state = feed.reader_state
-            if self.position == len(self):
-                self.epoch, self.position, self._reader_epochs = self.epoch + 1, 0, self._reader_epochs + 1
+        """The rest of the current epoch (all of it at the start, or after its last batch)."""
+        if self._batches is None:
+            self._feeder = Feeder(self.config, self.shards, self.route, self.cursor)
+            self._batches = self.pool.batches(self._feeder)
+        for feed, batch in self._batches:
+            self.cursor = feed.cursor
             yield batch
+            if feed.cursor.position == 0:  # that was the epoch's last batch
+                return
 
-    # --- the reading thread ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor.as_dict(), "skipped": self.skipped, "layout": self._layout()}
 
-    def _submit_next(self) -> bool:
-        """Hand this epoch's next batch to a free pipeline; False once the epoch has no more."""
-        if self._epoch_fed:
-            return False
-        feed = self._feeder.next()
-        if feed is None:
-            self._epoch_fed = True
-            return False
-        bad = [i for i, data in enumerate(feed.data) if isinstance(data, Exception)]  # a host decoder's refusals
-        self.pool.submit(self.repair.substitute(feed, bad) if bad else feed)
-        return True
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` was taken: the next batch, same order. Saved with another layout of ranks (world
+        size, batch size), the epoch goes on from the batch that the clips read so far reach, in a fresh order."""
+        self.close()
+        self.pool.repair.skipped = state["skipped"]
+        cursor, layout = Cursor.from_dict(state["cursor"]), state["layout"]
+        if layout == self._layout():
+            self.cursor = cursor
+            return
+        read = cursor.position * layout["batch_size"] * layout["world_size"]  # clips read this epoch, all ranks
+        clips_per_batch = self.config.batch_size * self.config.world_size
+        position = read // clips_per_batch
+        epoch = cursor.epoch + position // len(self)
+        self.cursor = Cursor.fresh(epoch, position % len(self))
+        log.warning("loader state saved by %d rank(s) x %d clips per batch, now %d x %d: epoch %d goes on at batch "
+                    "%d of %d (%d clips read of it%s), in a fresh order for the rest of it", layout["world_size"],
+                    layout["batch_size"], self.config.world_size, self.config.batch_size, cursor.epoch,
+                    self.cursor.position, len(self), read,
+                    "" if read % clips_per_batch == 0 else f"; {read % clips_per_batch} more are read again")
+
+    def close(self) -> None:
+        """Stop the reading thread and drop the batches in flight (both also stop with the process)."""
+        if self._feeder is not None:
+            self._feeder.stop()
+            self.pool.drain()
+        self._feeder = self._batches = None
 
     def _layout(self) -> dict:
         c = self.config
         return {"world_size": c.world_size, "rank": c.rank, "batch_size": c.batch_size, "seed": c.seed}
-
-    def _start_feeder(self) -> None:
-        if self._feeder is not None:
-            return
-        if self._reader_state is None:  # a fresh reader: epoch self.epoch gets an order of its own
-            self._reader_start, self._reader_epochs = self.epoch, 0
-        seed = (self.config.seed * 7919 + self._reader_start) % 2**31
-        self._feeder = Feeder(self.config, self.shards, self.decoder, self.epoch, self.position, self._reader_epochs,
-                              seed, self._reader_state)
-
-    def _stop_feeder(self) -> None:
-        self.pool.drain()  # batches already in flight: collected and dropped
-        if self._feeder is not None:
-            self._feeder.stop()
-            self._feeder = None
 
 
 def build_pretrain_loader(shards_dir: str, batch_size: int = 8, repeats: int = 4, num_frames: int = 16,

@@ -1,55 +1,86 @@
-"""Several views pipelines fed in turn, one batch in flight each.
+"""Views pipelines taking turns, one batch in flight on each lane, batches out in the order they went in: the DALI
+stage of the loader, from Feeds to torch batches (a failed batch repaired on the side).
 
 One DALI decoder pipeline was reported to drive a single NVDEC engine (NVIDIA/DALI#6387) and an H100 has seven;
-ViT-B at R=4 needs about two engines' worth of clips at 40% MFU (tools/bench/gpu_projection.py). So on a GPU the loader
-keeps several pipelines busy, each holding one batch, and collects them in the order they were fed. On a CPU one
-pipeline already uses every core.
+ViT-B at R=4 needs about two engines' worth of clips at 40% MFU (tools/bench/gpu_projection.py). So on a GPU the
+loader keeps several lanes busy; on a CPU one pipeline already uses every core. A lane holds a pipeline per kind of
+clip its batches hold: encoded (a DALI decoder inside) and, where the route sends some formats to a host decoder,
+decoded (frames in).
 """
 
 from collections import deque
 
-from dali_pipes.views_pipeline import build_views_pipeline
+from dali_pipes.batch_assembler import BatchAssembler
+from dali_pipes.dali_errors import VideoDecodeError
+from dali_pipes.decoders import DecoderRoute
+from dali_pipes.repair import BatchRepair
+from dali_pipes.views_pipeline import ViewsPipeline, assembled
 
 NVDEC_PIPELINES = 4
 
 
+def kind_decoders(route: DecoderRoute) -> dict:
+    """{feed kind: the decoder its views pipeline is built with} for the kinds a route's batches hold."""
+    if not route.main.decodes_in_dali:
+        return {"decoded": route.main}
+    return {"encoded": route.main, **({"decoded": route.host} if route.host else {})}
+
+
 class PipelinePool:
-    def __init__(self, config, decoder):
-        count = config.decode_pipelines or (NVDEC_PIPELINES if decoder.needs_gpu else 1)
+    def __init__(self, config, route: DecoderRoute):
+        decoders = kind_decoders(route)
+        count = config.decode_pipelines or (NVDEC_PIPELINES if route.main.needs_gpu else 1)
         threads = max(1, config.threads // count)  # the process's share of cores, split among them
-        self.pipes = [build_views_pipeline(config, decoder, threads) for _ in range(count)]
-        self._decoded, self._shared = not decoder.decodes_in_dali, config.views.shared_frames
-        self._free, self._pending = deque(range(count)), deque()  # pipeline indexes; (index, feed), oldest first
+        self._lanes = [{kind: ViewsPipeline(config, decoder, threads) for kind, decoder in decoders.items()}
+                       for _ in range(count)]
+        self.assemble = BatchAssembler(config)
+        self.repair = BatchRepair(config, decoders, self.assemble)
+        self._free, self._pending = deque(self._lanes), deque()  # lanes; (lane, feed), oldest first
+        self._decoded_any = False
 
-    def __len__(self) -> int:
-        """Batches in flight."""
-        return len(self._pending)
+    def batches(self, feeds):
+        """(feed, torch batch) for the Feeds of `feeds`, in order, with a batch in flight on every lane: the next
+        ones decode while the caller trains on this one."""
+        feeds = iter(feeds)
+        self._fill(feeds)
+        while self._pending:
+            done = self._collect()
+            self._fill(feeds)
+            yield done
 
-    def has_room(self) -> bool:
-        return bool(self._free)
+    def _fill(self, feeds) -> None:
+        while self._free:
+            feed = next(feeds, None)
+            if feed is None:
+                return
+            self._submit(feed)
 
-    def submit(self, feed) -> None:
-        """Start decoding and augmenting `feed` on a free pipeline."""
-        index = self._free.popleft()
-        for name, values in feed.inputs(self._decoded, self._shared).items():
-            self.pipes[index].feed_input(name, values)
-        self.pipes[index].schedule_run()
-        self._pending.append((index, feed))
+    def _submit(self, feed) -> None:
+        bad = feed.failed_on_host()
+        if bad:
+            feed = self.repair.substitute(feed, bad, first_batch=not self._decoded_any)
+        lane = self._free.popleft()
+        for kind, part in feed.parts().items():
+            lane[kind].submit(feed, part)
+        self._pending.append((lane, feed))
 
-    def collect(self, convert):
-        """(feed, convert(feed, outputs), None) for the oldest batch in flight, or (feed, None, DALI's error) if it
-        failed; its pipeline is free again either way."""
-        index, feed = self._pending.popleft()
-        pipe = self.pipes[index]
+    def _collect(self):
+        lane, feed = self._pending.popleft()
         try:
-            return feed, convert(feed, pipe.share_outputs()), None
-        except RuntimeError as err:  # a clip the decoder cannot read fails the whole batch
-            return feed, None, err
+            batch = assembled(feed, lane, self.assemble)
+        except VideoDecodeError as failure:  # a clip the decoder cannot read fails its whole batch
+            batch = self.repair.batch(feed, failure, first_batch=not self._decoded_any)
         finally:
-            pipe.release_outputs()
-            self._free.append(index)
+            self._free.append(lane)
+        self._decoded_any = True
+        return feed, batch
 
     def drain(self) -> None:
-        """Collect and drop every batch in flight."""
+        """Drop every batch in flight (their outputs taken back)."""
         while self._pending:
-            self.collect(lambda feed, outputs: None)
+            lane, feed = self._pending.popleft()
+            try:
+                assembled(feed, lane, lambda feed, parts: None)
+            except VideoDecodeError:
+                pass
+            self._free.append(lane)

@@ -1,4 +1,5 @@
-"""One rank's stream of encoded clips from the shards: DALI's webdataset reader on the CPU, with its index files.
+"""One rank's stream of encoded clips from the shards: DALI's webdataset reader on the CPU, with its index files, and
+the cursor that says where the stream stands.
 
 `num_shards` = world size and `shard_id` = rank split the samples across ranks, and `pad_last_batch` pads every
 rank's part to the same number of batches (repeating its last sample), so each epoch every sample is read exactly
@@ -9,44 +10,71 @@ notes that most network filesystems serve memory-mapped files poorly.
 """
 
 import base64
-import math
+from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from dali_pipes.cursor import Cursor
 from dali_pipes.shard_format import VIDEO_EXTS
 from dali_pipes.shard_set import ShardSet
 
 
-class ShardReader:
-    def __init__(self, shards: ShardSet, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 shuffle_buffer: int, num_threads: int, checkpoint: str | None = None, dont_use_mmap: bool = False):
-        self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
+@dataclass
+class RawBatch:
+    epoch: int
+    position: int
+    encoded: list  # per sample: uint8 bytes of the video
+    info: np.ndarray  # int32 [B, 6]: shard_format.INFO_FIELDS
+    meta: list  # per sample: the bytes of KEY.json (empty when the shard has none, or when not asked for)
+    names: list  # per sample: 'shard.tar:offset:key.ext'
+    real: int  # samples that are not the epoch's padding: the first `real` ones
+    cursor: Cursor  # where the stream stands after this batch
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
+
+class ShardReader:
+    def __init__(self, shards: ShardSet, config, cursor: Cursor, num_threads: int, with_meta: bool = False):
+        """with_meta: also read each clip's KEY.json (its format: where the route decodes clips by format)."""
+        self.shards, self.config, self.threads, self.with_meta = shards, config, num_threads, with_meta
+        self.batches_per_epoch = shards.batches_per_epoch(config.batch_size, config.world_size)
+        self.cursor = cursor
+        self.pipe = self._build(cursor)
+
+    def _build(self, cursor: Cursor):
+        c, shards = self.config, self.shards
+        seed = (c.seed * 7919 + cursor.reader_start) % 2**31
+
+        @pipeline_def(batch_size=c.batch_size, num_threads=self.threads, device_id=None, seed=seed,
                       enable_checkpointing=True, prefetch_queue_depth=2)
         def reader():
-            video, info = fn.readers.webdataset(
-                paths=shards.tars, index_paths=shards.indexes, ext=[";".join(VIDEO_EXTS), "info"],
-                dtypes=[types.UINT8, types.INT32], shard_id=rank, num_shards=world_size, pad_last_batch=True,
-                random_shuffle=shuffle, initial_fill=shuffle_buffer, seed=seed, name="reader",
-                dont_use_mmap=dont_use_mmap,
+            video, info, *meta = fn.readers.webdataset(
+                paths=shards.tars, index_paths=shards.indexes,
+                ext=[";".join(VIDEO_EXTS), "info", *["json"] * self.with_meta],
+                dtypes=[types.UINT8, types.INT32, *[types.UINT8] * self.with_meta], shard_id=c.rank,
+                num_shards=c.world_size, pad_last_batch=True, random_shuffle=c.shuffled, initial_fill=c.shuffle_buffer,
+                seed=seed, name="reader", dont_use_mmap=c.dont_use_mmap,
             )
-            return video, info, fn.get_property(video, key="source_info")
+            return video, info, fn.get_property(video, key="source_info"), *meta
 
-        self.pipe = reader(checkpoint=base64.b64decode(checkpoint)) if checkpoint else reader()
-        self.pipe.build()
-        self.batches_per_epoch = math.ceil(max(shards.rank_sizes(world_size)) / batch_size)
+        pipe = reader(checkpoint=base64.b64decode(cursor.reader_state)) if cursor.reader_state else reader()
+        pipe.build()
+        return pipe
 
-    def real_samples(self, epoch_in_reader: int) -> int:
-        """Samples (not padding) this rank reads in its epoch_in_reader-th epoch: DALI moves each rank on to the
-        next rank's part every epoch."""
-        return self.shards.rank_sizes(self.world_size)[(self.rank + epoch_in_reader) % self.world_size]
-
-    def next_batch(self):
-        """(encoded videos, info int32 [B, 5], sample names 'shard.tar:offset:key.ext', reader checkpoint after it,
-        base64 so that it can go in any state dict)."""
-        video, info, names = self.pipe.run()
-        encoded = [np.array(v) for v in video]  # copies: DALI reuses its buffers
-        names = [np.array(n).tobytes().decode() for n in names]
-        return encoded, np.array(info.as_tensor()), names, base64.b64encode(self.pipe.checkpoint()).decode()
+    def next_batch(self) -> RawBatch:
+        c, cursor = self.config, self.cursor
+        video, info, names, *meta = self.pipe.run()
+        read = cursor.position - cursor.reader_offset  # batches this reader read before this one, this epoch
+        part = self.shards.rank_sizes(c.world_size)[(c.rank + cursor.reader_epochs) % c.world_size]
+        real = min(c.batch_size, max(0, part - read * c.batch_size))
+        if cursor.position + 1 < self.batches_per_epoch:
+            after = Cursor(cursor.epoch, cursor.position + 1, cursor.reader_start,
+                           base64.b64encode(self.pipe.checkpoint()).decode(), cursor.reader_offset)
+        elif cursor.reader_offset:  # a reader that began mid-epoch is mid-way through its own: a fresh one follows
+            after = Cursor.fresh(cursor.epoch + 1)
+            self.pipe = self._build(after)
+        else:
+            after = Cursor(cursor.epoch + 1, 0, cursor.reader_start, base64.b64encode(self.pipe.checkpoint()).decode())
+        self.cursor = after
+        return RawBatch(cursor.epoch, cursor.position, [np.array(v) for v in video],  # copies: DALI reuses buffers
+                        np.array(info.as_tensor()), [np.array(m) for m in meta[0]] if meta else [b""] * len(video),
+                        [np.array(n).tobytes().decode() for n in names], real, after)

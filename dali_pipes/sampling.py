@@ -18,9 +18,9 @@ class ViewSpec:
     """How the views of one decoded clip are made."""
 
     num_frames: int = 16
-    # a key of SAMPLINGS (below). stride: num_frames frames `stride` apart from a random start (Kinetics: 16 x 4, a 2-s window); segments: the
-    # whole clip cut into num_frames equal segments, one frame from each (TSN-style, Something-Something v2's
-    # custom: its 2-6 s clips are one action from start to end)
+    # a key of SAMPLINGS (below). stride: num_frames frames `stride` apart from a random start (Kinetics: 16 x 4, a
+    # 2-s window); segments: the whole clip cut into num_frames equal segments, one frame from each (TSN-style,
+    # Something-Something v2's custom: its 2-6 s clips are one action from start to end)
     sampling: str = "stride"
     stride: int = 4  # frames between samples, at target_fps when it is set, else at the video's own rate
     target_fps: float | None = None  # mae_st samples at 30 fps whatever the source rate

@@ -21,7 +21,6 @@ import numpy as np
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 INFO_FIELDS = ("label", "num_frames", "fps_milli", "height", "width", "rotation")
 MANIFEST = "manifest.json"
-CPU_DECODABLE = ("vp8", "vp9", "mjpeg")  # what DALI 2.4's CPU video decoder reads; everything else needs NVDEC
 # Short side (px) above which a clip costs GPU decode time for nothing: NVDEC's work per frame grows with its pixels,
 # and a 224 crop needs ~256-320 px (mae_st / SlowFast pre-resize Kinetics to a 256 short side, VideoMAE to 320).
 # build_shards.py --codec copy warns above it and the manifest counts the clips above it.
@@ -43,6 +42,15 @@ def pack_info(label: int, num_frames: int, fps: float, height: int, width: int, 
 def unpack_info(raw) -> dict:
     values = np.frombuffer(bytes(raw), dtype="<i4").tolist()
     return dict(zip(INFO_FIELDS, values + [0] * (len(INFO_FIELDS) - len(values))))  # 5-field .info: rotation 0
+
+
+def sample_format(meta: bytes) -> str | None:
+    """A sample's "codec/pix_fmt" from its KEY.json (empty when the shard has none: unknown, None)."""
+    if not len(meta):
+        return None
+    record = json.loads(bytes(meta))
+    codec, pix_fmt = record.get("codec"), record.get("pix_fmt")
+    return None if not codec else f"{codec}/{pix_fmt}" if pix_fmt else codec
 
 
 def read_manifest(shards_dir: str) -> dict:

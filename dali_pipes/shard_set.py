@@ -24,13 +24,18 @@ class ShardSet:
     indexes: list
     num_samples: int
     num_bytes: int
-    codecs: dict  # codec -> clip count, as recorded by the shard builder
+    formats: dict  # "codec/pix_fmt" (or "codec", for sets built before pixel formats were recorded) -> clips
     label_map: dict
 
     def rank_sizes(self, world_size: int) -> list[int]:
         """Samples per rank in DALI's split: rank r reads samples [r N / W, (r + 1) N / W) of the concatenation."""
         n = self.num_samples
         return [(r + 1) * n // world_size - r * n // world_size for r in range(world_size)]
+
+    def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
+        """Batches every rank takes per epoch: its largest part's, the others padded up to it (DALI's
+        pad_last_batch), so that all ranks take the same number of steps."""
+        return -(-max(self.rank_sizes(world_size)) // batch_size)
 
 
 def shard_damage(shards_dir: str, shard: dict) -> str | None:
@@ -75,4 +80,4 @@ def open_shard_set(shards_dir: str, split: str, skip_damaged: bool = False) -> S
             raise DamagedShards(f"every {split!r} shard in {shards_dir} is damaged: nothing to train on")
     return ShardSet([os.path.join(shards_dir, s["tar"]) for s in kept],
                     [os.path.join(shards_dir, s["index"]) for s in kept], samples,
-                    sum(s.get("bytes", 0) for s in kept), info["codecs"], manifest["label_map"])
+                    sum(s.get("bytes", 0) for s in kept), info.get("formats") or info["codecs"], manifest["label_map"])

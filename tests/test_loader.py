@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_shards, read_index, write_video
 from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
-from dali_pipes.decoders import choose_decoder
+from dali_pipes.decoders import choose_route
 from dali_pipes.decoders.base import HostDecoder
 from dali_pipes.shard_format import pack_info
 from dali_pipes.normalization import MEAN, STD
@@ -29,9 +29,8 @@ def pixels(video):
 
 def whole_frame_loader(shards, **options):
     """Views that are the whole 64x48 frame, unflipped: what comes out is what was decoded."""
-    return build_pretrain_loader(shards, crop_size=48, scale=(1.0, 1.0), ratio=(64 / 48, 64 / 48), flip=False,
-                                 decoder="dali-cpu",
-                                 **options)
+    return build_pretrain_loader(shards, **{"crop_size": 48, "scale": (1.0, 1.0), "ratio": (64 / 48, 64 / 48),
+                                            "flip": False, "decoder": "dali-cpu", **options})
 
 
 def test_shapes_dtypes_and_normalized_range(vp9_shards):
@@ -129,7 +128,7 @@ def test_state_dict_resumes_at_the_next_batch(vp9_shards):
         if len(taken) == 8:
             break
     state = json.loads(json.dumps(first.state_dict()))  # survives a round trip through a file
-    assert (state["epoch"], state["position"]) == (1, 2)
+    assert (state["cursor"]["epoch"], state["cursor"]["position"]) == (1, 2)
     resumed = loader()
     resumed.load_state_dict(state)
     rest = [b for b in resumed] + [b for b in resumed]
@@ -138,20 +137,93 @@ def test_state_dict_resumes_at_the_next_batch(vp9_shards):
         assert torch.equal(x["label"], y["label"]) and torch.equal(x["video"], y["video"])
 
 
-def test_decoder_choice():
-    assert choose_decoder("auto", {"h264": 5}, has_gpu=True)[0].name == "dali-gpu"
-    assert choose_decoder("auto", {"vp9": 5, "mjpeg": 1}, has_gpu=False)[0].name == "dali-cpu"
-    decoder, why = choose_decoder("auto", {"h264": 5, "vp9": 1}, has_gpu=False)
-    assert decoder.name == "pyav" and "dali-cpu cannot read ['h264']" in why
-    assert choose_decoder("auto", {"prores": 5}, has_gpu=True)[0].name == "pyav"  # NVDEC does not read everything
-    decoder, why = choose_decoder("pyav", {"vp9": 1}, has_gpu=True)
-    assert (decoder.name, why) == ("pyav", "requested")
+def test_a_state_saved_by_another_layout_of_ranks_goes_on_with_the_epoch(vp9_shards):
+    """2 ranks x 2 clips read 2 batches (8 of 12 clips); 1 rank x 4 clips goes on at batch 2 of 3 in a fresh order
+    for the rest of that epoch, and the next epoch reads every clip once."""
+    two = [build_pretrain_loader(vp9_shards, batch_size=2, repeats=1, num_frames=2, crop_size=16, rank=r,
+                                 world_size=2, seed=5) for r in range(2)]
+    for loader in two:
+        stream = iter(loader)
+        next(stream), next(stream)
+    state = two[0].state_dict()
+    one = build_pretrain_loader(vp9_shards, batch_size=4, repeats=1, num_frames=2, crop_size=16, seed=5)
+    one.load_state_dict(json.loads(json.dumps(state)))
+    assert (one.cursor.epoch, one.cursor.position) == (0, 2) and len(one) == 3
+    rest = [batch["label"].tolist() for batch in one]
+    assert len(rest) == 1 and one.epoch == 1
+    assert sorted(sum((b["label"].tolist() for b in one), [])) == list(range(12))  # epoch 1: each clip once
+
+
+def test_the_route_gives_each_format_to_a_decoder_that_reads_it_on_this_gpu():
+    """NVDEC's formats depend on the GPU (Video Codec SDK 13.0's NVDEC application note): AV1 decodes on GA10x, Ada
+    and Blackwell, not on A100 (GA100) or H100/H200 (Hopper). What the main decoder cannot read goes to PyAV."""
+    a100, a10, l4, h100, b200 = (8, 0), (8, 6), (8, 9), (9, 0), (10, 0)
+    mixed = {"av1/yuv420p": 3, "h264/yuv420p": 5}
+    assert choose_route("auto", {"h264/yuv420p": 5}, h100).name == "dali-gpu"
+    for gpu in (a10, l4, b200):
+        assert choose_route("auto", mixed, gpu).host is None, gpu
+    for gpu in (a100, h100):
+        route = choose_route("auto", mixed, gpu)
+        assert (route.main.name, route.host.name, route.host_formats) == ("dali-gpu", "pyav", {"av1/yuv420p": 3})
+        assert route.host_decoder_for("av1/yuv420p").name == "pyav" and route.host_decoder_for("h264/yuv420p") is None
+        assert "cannot read av1/yuv420p (3 clips), 37.5% of the clips" in route.why and "--codec h264" in route.why
+    with pytest.raises(ValueError, match=r"cannot read av1/yuv420p \(3 clips\) on this Hopper GPU .*decoder='auto'"):
+        choose_route("dali-gpu", mixed, h100)
+    assert choose_route("auto", {"h264/yuv444p": 1, "h264/yuv420p": 1}, h100).host_formats == {"h264/yuv444p": 1}
+    assert choose_route("auto", {"h264/yuv422p": 1}, b200).host is None  # Blackwell decodes H.264 4:2:2
+    # on a CPU: DALI's decoder for the VP9 clips, PyAV for the H.264 ones of the same shards
+    route = choose_route("auto", {"vp9/yuv420p": 5, "h264/yuv420p": 1}, None)
+    assert (route.main.name, route.host.name) == ("dali-cpu", "pyav") and route.per_clip
+    assert choose_route("auto", {"h264": 5}, None).name == "pyav"  # nothing for DALI's CPU decoder: PyAV alone
+    assert choose_route("pyav", {"vp9": 1}, h100).why == "requested"
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        choose_decoder("dali-gpu", {"vp9": 1}, has_gpu=False)
-    with pytest.raises(ValueError, match="use decoder='pyav'"):
-        choose_decoder("dali-cpu", {"hevc": 1}, has_gpu=False)
+        choose_route("dali-gpu", {"vp9": 1}, None)
+    with pytest.raises(ValueError, match="decoder='auto' decodes those clips with pyav"):
+        choose_route("dali-cpu", {"hevc": 1}, None)
     with pytest.raises(ValueError, match="decoder must be one of"):
-        choose_decoder("nvdec", {"hevc": 1}, has_gpu=False)
+        choose_route("nvdec", {"hevc": 1}, None)
+
+
+def test_shards_of_two_codecs_decode_each_clip_with_its_own_decoder(tmp_path):
+    """The CPU twin of AV1 on an H100: VP9 clips through DALI's decoder, H.264 clips (which it cannot read) through
+    PyAV, in the same batches, every frame the right one."""
+    for i in range(6):
+        os.makedirs(tmp_path / "videos" / f"c{i}")
+        write_video(tmp_path / "videos" / f"c{i}" / "clip.mp4", frames=40, codec="libx264" if i % 3 == 0 else
+                    "libvpx-vp9", seed=i)
+    from tools import build_shards
+
+    out = str(tmp_path / "shards")
+    assert build_shards.main(["--root", str(tmp_path / "videos"), "--out", out, "--codec", "copy", "--workers",
+                              "1"]) == 0
+    loader = whole_frame_loader(out, batch_size=3, repeats=2, num_frames=5, stride=3, seed=1, decoder="auto")
+    assert loader.route.name == "dali-cpu + pyav for h264/yuv420p"
+    labels = []
+    for batch in loader:
+        for clip in pixels(batch["video"]):
+            indices = [read_index(frame) for frame in clip]
+            assert np.diff(indices).tolist() == [3, 3, 3, 3], indices
+        labels += batch["label"][:3].tolist()
+    assert sorted(labels) == list(range(6))
+
+
+def test_a_torch_out_of_memory_error_is_not_taken_for_a_bad_video(vp9_shards, monkeypatch):
+    """torch.OutOfMemoryError is a RuntimeError: caught as DALI's, it started the clip-by-clip repair and ended in
+    'every clip is undecodable'. Only a failed DALI run is repaired; DALI's own out-of-memory says so."""
+    from dali_pipes import batch_assembler
+    from dali_pipes.dali_errors import DaliOutOfMemory, VideoDecodeError, classify
+
+    def out_of_memory(self, feed, parts):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(batch_assembler.BatchAssembler, "__call__", out_of_memory)
+    loader = build_pretrain_loader(vp9_shards, batch_size=2, repeats=1, num_frames=2, crop_size=16)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        next(iter(loader))
+    assert loader.skipped == 0
+    assert isinstance(classify(RuntimeError("Error in GPU operator `nvidia.dali.fn.resize` encountered:\nCUDA "
+                                            "allocation failed: out of memory")), DaliOutOfMemory)
+    assert isinstance(classify(RuntimeError("Failed to create video decoder")), VideoDecodeError)
 
 
 def test_pyav_path_reads_h264_shards(tmp_path, caplog):
@@ -159,7 +231,7 @@ def test_pyav_path_reads_h264_shards(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dali_pipes"):
         loader = build_pretrain_loader(shards, batch_size=2, repeats=1, num_frames=5, stride=3, crop_size=48,
                                        scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), flip=False)
-    assert loader.decoder.name == "pyav" and "dali-cpu cannot read ['h264']" in caplog.text
+    assert loader.route.name == "pyav" and "dali-cpu reads none of ['h264/yuv420p']" in caplog.text
     for batch in loader:
         for clip in pixels(batch["video"]):
             indices = [read_index(f) for f in clip]
@@ -363,7 +435,7 @@ class ConstantFrames(HostDecoder):
 def test_a_new_decoder_backend_plugs_in_without_touching_the_loader(vp9_shards):
     loader = build_pretrain_loader(vp9_shards, batch_size=2, repeats=2, num_frames=4, crop_size=16,
                                    decoder=ConstantFrames())
-    assert loader.decoder.name == "constant"
+    assert loader.route.name == "constant"
     seen = 0
     for batch in loader:
         assert batch["video"].shape == (4, 3, 4, 16, 16)

@@ -4,9 +4,10 @@
   and the decoder adds the operator that turns them into frames (on the GPU with NVDEC, or on the CPU);
 - a host decoder decodes in the loader's reading thread, before DALI (PyAV, or any Python library): the pipeline
   then receives the frames, uint8 [F, H, W, 3], and only makes the views.
-A decoder says which codecs it reads (None: whatever FFmpeg reads) and whether it needs a GPU; dali_pipes/decoders/
-__init__.py chooses one for a shard set. Frame `i` always means the i-th frame that decodes (the shard builder's
-count), and indices arrive ascending; past the last frame, a decoder repeats it.
+A decoder says which formats it reads and whether it needs a GPU; dali_pipes/decoders/__init__.py routes each
+format of a shard set to one. Formats are named as the shard builder records them: "codec/pix_fmt" ("h264/yuv420p";
+"h264" alone when the pixel format is not known). Frame `i` always means the i-th frame that decodes (the shard
+builder's count), and indices arrive ascending; past the last frame, a decoder repeats it.
 """
 
 
@@ -14,15 +15,30 @@ class UndecodableVideo(Exception):
     """A host decoder could not decode this clip (the loader replaces it by a good clip of the same batch)."""
 
 
+def split_format(fmt: str) -> tuple[str, str]:
+    """"h264/yuv420p" -> ("h264", "yuv420p"); "h264" -> ("h264", "")."""
+    codec, _, pix_fmt = fmt.partition("/")
+    return codec, pix_fmt
+
+
 class Decoder:
     name: str = ""
-    codecs: frozenset | None = None  # the codecs it reads, as the shard builder names them; None: anything
+    # codec -> the pixel formats it reads (an empty set: any); None: whatever FFmpeg reads
+    formats: dict | None = None
     needs_gpu: bool = False
     decodes_in_dali: bool = True  # False: a host decoder (frames())
 
-    def reads(self, codecs) -> list[str]:
-        """The codecs among `codecs` it cannot read."""
-        return [] if self.codecs is None else sorted(set(codecs) - self.codecs)
+    def can_read(self, fmt: str) -> bool:
+        """Whether it decodes clips of format `fmt` ("codec/pix_fmt", or "codec" when the pixel format is unknown)."""
+        if self.formats is None:
+            return True
+        codec, pix_fmt = split_format(fmt)
+        return codec in self.formats and (not pix_fmt or not self.formats[codec] or pix_fmt in self.formats[codec])
+
+    def unreadable(self, formats) -> dict:
+        """The {format: clips} of `formats` (a dict, or any iterable of names) it cannot decode."""
+        counts = formats if isinstance(formats, dict) else dict.fromkeys(formats, 0)
+        return {fmt: n for fmt, n in counts.items() if not self.can_read(fmt)}
 
     def dali_node(self, encoded, frames):
         """DALI decoders: the operator decoding `encoded` (uint8 bytes) at `frames` (int32 [F]) inside a pipeline,

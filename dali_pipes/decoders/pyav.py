@@ -1,6 +1,7 @@
 """PyAV (FFmpeg) on the host: the CPU path for codecs DALI 2.4 decodes only on a GPU (H.264, HEVC, AV1, MPEG-4),
-and the fallback for any codec or container NVDEC does not take. Seeks to the keyframe before the first needed
-frame and stops after the last one; the loader decodes a batch's clips in parallel threads."""
+and where a shard set holds formats the GPU's NVDEC does not decode (AV1 on A100 and H100, H.264 4:4:4, ...), the
+decoder of those clips. Seeks to the keyframe before the first needed frame and stops after the last one; the
+loader decodes a batch's clips in parallel threads."""
 
 import io
 

@@ -71,21 +71,17 @@ def baseline(cfg: dict, whole_video: bool, repeats: int):
 
 
 def _planned_batches(cfg: dict, config, count: int = 16) -> list:
-    """Feeds read and planned as the loader would, recycled by the rounds (enough to defeat any caching)."""
-    import numpy as np
-
-    from dali_pipes.feed import Feed
-    from dali_pipes.reader import ShardReader
-    from dali_pipes.shard_format import unpack_info
+    """Feeds read and planned by the loader's own reading thread, clips left encoded, recycled by the rounds (enough
+    to defeat any caching)."""
+    from dali_pipes.cursor import Cursor
+    from dali_pipes.decoders import DecoderRoute, make_decoder
+    from dali_pipes.feeder import Feeder
     from dali_pipes.shard_set import open_shard_set
 
-    reader = ShardReader(open_shard_set(cfg["shards"], cfg["split"]), cfg["batch_size"], 0, 1, 0, True, 1024,
-                         cfg["workers"])
-    rng, feeds = np.random.default_rng(0), []
-    for position in range(count):
-        encoded, info, names, state = reader.next_batch()
-        plans = [config.views.plan(unpack_info(row.tobytes()), rng) for row in info]
-        feeds.append(Feed(0, position, encoded, plans, info[:, 0].astype(np.int64), names, len(names), state))
+    route = DecoderRoute(make_decoder("dali-cpu"), "a DALI decoder: the reading thread leaves every clip encoded")
+    feeder = Feeder(config, open_shard_set(cfg["shards"], cfg["split"]), route, Cursor())
+    feeds = [next(feeder) for _ in range(count)]
+    feeder.stop()
     return feeds
 
 
@@ -117,10 +113,10 @@ def decode_limit(cfg: dict, decoder: str):
     from concurrent.futures import ThreadPoolExecutor
 
     from dali_pipes.decoders import make_decoder
-    from dali_pipes.views_pipeline import run_batch
+    from dali_pipes.views_pipeline import ViewsPipeline
 
     config = _config(cfg, "pyav" if decoder == "torchcodec" else decoder, 1)
-    backend = None if decoder == "torchcodec" else make_decoder(decoder)
+    backend = None if decoder == "torchcodec" else make_decoder(decoder, _gpu())
     feeds = _cycle(_planned_batches(cfg, config))
     if backend is None or not backend.decodes_in_dali:
         frames, pool = backend.frames if backend else _torchcodec_frames, ThreadPoolExecutor(cfg["workers"])
@@ -131,70 +127,39 @@ def decode_limit(cfg: dict, decoder: str):
             list(pool.map(frames, feed.data, [p.frames for p in feed.plans]))
 
         return _timed(next_batch, cfg, cfg["batch_size"])
-    pipe = _pipeline(config, backend.dali_node)
-    return _timed(lambda: run_batch(pipe, _decode_inputs(next(feeds))), cfg, cfg["batch_size"])
-
-
-def _pipeline(config, graph, threads=None):
-    """A one-batch-in-flight DALI pipeline of `graph(data, frames)` over external sources (run_batch feeds it)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    cuda = config.device.type == "cuda"
-
-    @pipeline_def(batch_size=config.batch_size, num_threads=threads or config.threads, prefetch_queue_depth=1,
-                  device_id=(config.device.index or 0) if cuda else None)
-    def pipeline():
-        return graph(fn.external_source(name="data", dtype=types.UINT8),
-                     fn.external_source(name="frames", dtype=types.INT32))
-
-    pipe = pipeline()
-    pipe.build()
-    return pipe
-
-
-def _decode_inputs(feed) -> dict:
-    return {"data": feed.data, "frames": [p.frames for p in feed.plans]}
+    pipeline = ViewsPipeline(config, backend, config.threads, stop_after="decode")
+    return _timed(lambda: pipeline.run(next(feeds)), cfg, cfg["batch_size"])
 
 
 def stages(cfg: dict, decoder: str, repeats: int):
     """Each stage of the views pipeline timed on the same batches in the same round: a round's seconds are those of
-    the whole (decode, views, copy), and "stages" holds the seconds of each cumulative stage."""
-    from nvidia.dali import fn, types
-
+    the whole (decode, views, copy), and "stages" holds the seconds of each cumulative stage: the views pipeline
+    itself stopped after decoding, after each view's resize, whole, and whole with the copy into the torch batch."""
     from dali_pipes.batch_assembler import BatchAssembler
-    from dali_pipes.feed import Inputs
     from dali_pipes.decoders import make_decoder
-    from dali_pipes.views_pipeline import build_views_pipeline, run_batch
+    from dali_pipes.views_pipeline import ViewsPipeline, assembled
 
-    config, backend = _config(cfg, decoder, repeats), make_decoder(decoder)
+    config, backend = _config(cfg, decoder, repeats), make_decoder(decoder, _gpu())
     if not backend.decodes_in_dali:
         raise ValueError(f"stages are measured for DALI decoders; {decoder} decodes on the host")
     feeds = _planned_batches(cfg, config)
-    size = [config.views.spec.crop_size] * 2
-
-    def resized(data, frames):  # decoding, then each view's resize of its own crop (as views_pipeline.py does)
-        video = backend.dali_node(data, frames)
-        return tuple(fn.resize(video, size=size, roi_relative=True, antialias=False,
-                               roi_start=fn.external_source(name=Inputs.roi_start(v), dtype=types.FLOAT),
-                               roi_end=fn.external_source(name=Inputs.roi_end(v), dtype=types.FLOAT))
-                     for v in range(repeats))
-
-    decode, resize = _pipeline(config, backend.dali_node), _pipeline(config, resized)
-    views, assemble = build_views_pipeline(config, backend, config.threads), BatchAssembler(config)
-    shared = config.views.shared_frames
+    decode, resize, views = (ViewsPipeline(config, backend, config.threads, stop_after=stop)
+                             for stop in ("decode", "resize", None))
+    assemble = BatchAssembler(config)
     position = [0]
+
+    def copied(feed):
+        views.submit(feed)
+        return assembled(feed, {"encoded": views}, assemble)
 
     def run_round() -> dict:
         seconds = {"decode": 0.0, "decode + resize": 0.0, "views pipeline": 0.0, "views + copy to torch": 0.0}
         for count in range(cfg["warmup"] + cfg["batches"]):
             feed = feeds[position[0] % len(feeds)]
             position[0] += 1
-            boxes = {name: values for name, values in feed.inputs(False, shared).items() if name.startswith("roi_")}
-            for stage, work in (("decode", lambda: run_batch(decode, _decode_inputs(feed))),
-                                ("decode + resize", lambda: run_batch(resize, {**_decode_inputs(feed), **boxes})),
-                                ("views pipeline", lambda: run_batch(views, feed.inputs(False, shared))),
-                                ("views + copy to torch", lambda: run_batch(views, feed.inputs(False, shared),
-                                                                            lambda outputs: assemble(feed, outputs)))):
+            for stage, work in (("decode", lambda: decode.run(feed)), ("decode + resize", lambda: resize.run(feed)),
+                                ("views pipeline", lambda: views.run(feed)), ("views + copy to torch",
+                                                                          lambda: copied(feed))):
                 start = time.perf_counter()
                 work()
                 if count >= cfg["warmup"]:
@@ -205,15 +170,21 @@ def stages(cfg: dict, decoder: str, repeats: int):
     return run_round
 
 
+def _gpu():
+    from dali_pipes.decoders import gpu_capability
+
+    return gpu_capability("cuda")
+
+
 def available_decoders(cfg: dict) -> list[str]:
-    from dali_pipes.decoders import DECODERS, choose_decoder, gpu_available
+    """The loader's decoders that read every clip of the shards here, the one `auto` picks first."""
+    from dali_pipes.decoders import DECODERS, choose_route
     from dali_pipes.shard_set import open_shard_set
 
-    codecs, gpu = open_shard_set(cfg["shards"], cfg["split"]).codecs, gpu_available()
-    found = []
+    formats, found = open_shard_set(cfg["shards"], cfg["split"]).formats, []
     for decoder in DECODERS:
         try:
-            choose_decoder(decoder, codecs, gpu)
+            choose_route(decoder, formats, _gpu())
             found.append(decoder)
         except ValueError:
             pass
