@@ -10,6 +10,16 @@ import pytest
 from tools import build_shards
 
 BLOCK = 8  # pixels per bit block
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "CROSS_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def process_env(**variables) -> dict:
+    """This environment without any launcher's variables (an in-process trainer start writes torch's), plus
+    `variables`, for a process a test starts as a launcher would."""
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith(("SLURM_", "OMPI_",
+                                                                                                      "PMI_", "MV2_"))}
+    return {**clean, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in variables.items()}}
 
 
 def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",

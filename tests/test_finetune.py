@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_shards
+from conftest import make_shards, process_env
 from models import build_classifier
 from trainer import finetune
 from trainer.batch_augment import mixup_cutmix, random_erasing, smooth_one_hot
@@ -25,7 +25,7 @@ def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards,
     """16 validation videos in 4 motion classes (5 classes in all): guessing gives 20%, always naming the most common
     validation class 25%. The threshold, 50% (8 of 16), is reached by a chance-level classifier with probability
     below 3% (binomial, p = 0.25), while this run reaches about 80% (100% with the full demo pretraining)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = process_env(OMP_NUM_THREADS=2)
     pretrained = str(tmp_path / "pt")
     subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config",
                     os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data", demo_shards,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import process_env
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec, segment_indices
-from tools import build_shards
 from tools.shard_building.video_sources import from_ssv2, read_ssv2_labels, ssv2_class
 from trainer.recipes import FINETUNE_RECIPES
 
@@ -110,7 +110,7 @@ def test_the_demo_tells_the_mirrored_pair_apart(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
                              os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_ssv2_FT", "--data",
                              str(out / "shards"), "--output", str(run)],
-                            capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            capture_output=True, text=True, timeout=400, env=process_env(OMP_NUM_THREADS=2))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     per_class = json.load(open(run / "eval.json"))["per_class"]
     pair = [per_class[name]["top1"] for name in make_ssv2_demo.MIRRORED_PAIR]

@@ -3,21 +3,18 @@
 One code path for GPUs and CPUs: the device (and the backend that goes with it: NCCL or gloo) is the difference.
 """
 
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from trainer.build_locks import remove_stale_build_locks, skip_deepspeed_shm_op
+from trainer.launchers import resolve_launch
 
 log = logging.getLogger("trainer")
-
-
-class ConfigConflict(ValueError):
-    """The ds_config and the recipe disagree; the message says how to reconcile them."""
 
 
 @dataclass(frozen=True)
@@ -27,18 +24,19 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    launcher: str = "python"  # what started the job (trainer/launchers.py)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
-    """Under the deepspeed launcher or torchrun the environment says who we are; under plain `python` we are the
-    only process, and say so ourselves (MASTER_PORT=0: any free port)."""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "0")):
-        os.environ.setdefault(key, value)
+def init_distributed(timeout: float | None = None) -> DistEnv:
+    """The job's process group (NCCL on GPUs, gloo on CPUs) for whichever launcher started this process
+    (trainer/launchers.py: deepspeed, torchrun, srun, mpirun, or plain `python` for one process). `timeout`: seconds a
+    collective may wait before it fails (otherwise DeepSpeed's default: 10 minutes, or $DEEPSPEED_TIMEOUT)."""
+    launch = resolve_launch()
+    os.environ.update(launch.torch_variables())  # what DeepSpeed and torch read (MASTER_PORT=0: any free port)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -47,66 +45,15 @@ def init_distributed() -> DistEnv:
     remove_stale_build_locks()
     if not cuda:
         skip_deepspeed_shm_op()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    if cuda:
-        device = torch.device("cuda", local)
+    options = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, **options)
+    if cuda:  # srun --gpus-per-task=1 shows each process one GPU: its index is 0 whatever its local rank
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:  # the launcher does not limit threads: ranks on one machine share its cores
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    return DistEnv(rank, world, local, local_world, device)
-
-
-def load_ds_config(path: str, recipe, world_size: int, device: torch.device) -> dict:
-    """The ds_config with the recipe's clipping added; every disagreement with the recipe in one message."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigConflict(f"cannot read the ds_config {path}: {err}") from None
-    problems = []
-    if "train_batch_size" in config:
-        problems.append("give train_micro_batch_size_per_gpu and gradient_accumulation_steps, not train_batch_size "
-                        "(one file then serves any number of processes)")
-    for section in ("optimizer", "scheduler"):
-        if section in config:
-            problems.append(f"remove the '{section}' section: the trainer builds AdamW and its warmup + cosine "
-                            "schedule from the recipe")
-    if config.get("fp16", {}).get("enabled"):
-        problems.append("fp16 is not supported: enable bf16 instead (or neither, for fp32)")
-    if config.get("zero_optimization", {}).get("stage", 0) < 1:
-        problems.append("use ZeRO stage 1, 2 or 3: the fp32 export reads ZeRO's fp32 master weights")
-    if "gradient_clipping" in config and config["gradient_clipping"] != recipe.clip_grad:
-        problems.append(f"gradient_clipping is {config['gradient_clipping']} here but clip_grad is {recipe.clip_grad} "
-                        "in the recipe: remove it from the ds_config, or override clip_grad=...")
-    micro = config.get("train_micro_batch_size_per_gpu")
-    accum = config.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
-        problems.append("set train_micro_batch_size_per_gpu (clips per process per micro-step)")
-    elif recipe.batch_size and recipe.batch_size != micro * accum * world_size:
-        clips = micro * accum * world_size
-        fix = recipe.batch_size / (micro * world_size)
-        hint = f"set gradient_accumulation_steps to {int(fix)}" if fix == int(fix) else "change the micro batch"
-        problems.append(f"the recipe trains on {recipe.batch_size} clips per step, this ds_config on {micro} per "
-                        f"process x {accum} accumulation x {world_size} processes = {clips}: {hint}, or override "
-                        f"batch_size={clips} (the lr follows: blr x clips / 256)")
-    if problems:
-        raise ConfigConflict(f"{path} does not fit the recipe:\n  - " + "\n  - ".join(problems))
-    from models.attention import cpu_has_native_bf16
-
-    if config.get("bf16", {}).get("enabled") and device.type == "cpu" and not cpu_has_native_bf16():
-        log.warning("bf16 on a CPU without AVX512-BF16/AMX runs matmuls ~100x slower than fp32 "
-                    "(measured 1 vs 166 GFLOP/s): ds_configs/cpu.json trains in fp32")
-    config = {**config, "gradient_clipping": recipe.clip_grad, "zero_allow_untested_optimizer": True,
-              "steps_per_print": config.get("steps_per_print", 10**9)}
-    if config.get("bf16", {}).get("enabled") and accum > 1 and "grad_accum_dtype" not in config.get("data_types", {}):
-        # bf16 keeps 8 bits of mantissa: summing many micro-batches' gradients in it loses their small parts
-        log.info("accumulating gradients over %d micro-batches in fp32 (data_types.grad_accum_dtype)", accum)
-        config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": "fp32"}
-    return config
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // launch.local_world_size))
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, launch.launcher)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale_of=None) -> list[dict]:

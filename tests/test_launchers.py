@@ -1,0 +1,82 @@
+"""trainer/launchers.py: every launcher's variables resolve to the same place in the job, processes started the srun
+and the mpirun way form one world, and a process that would train alone by mistake is refused."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import process_env
+from trainer.launchers import LaunchProblem, first_host, resolve_launch, tasks_per_node
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_each_launchers_variables_resolve_to_a_place_in_the_job():
+    torchrun = resolve_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+                               "MASTER_ADDR": "n1", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_world_size, torchrun.launcher) == (3, 8, 4, "torchrun")
+    deepspeed = resolve_launch({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "8",
+                                "CROSS_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    assert (deepspeed.local_world_size, deepspeed.launcher) == (8, "deepspeed")
+    srun = resolve_launch({"SLURM_JOB_ID": "123456", "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
+                           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16",
+                           "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_NODELIST": "gpu-[007-008]"})
+    assert (srun.rank, srun.world_size, srun.local_rank, srun.local_world_size) == (13, 16, 5, 8)
+    assert (srun.master_addr, srun.master_port, srun.launcher) == ("gpu-007", 20000 + 123456 % 20000, "srun")
+    mpi = resolve_launch({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                          "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "n1"})
+    assert (mpi.rank, mpi.world_size, mpi.local_rank, mpi.local_world_size, mpi.launcher) == (2, 4, 0, 2, "openmpi")
+    intel = resolve_launch({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "n1"})
+    assert (intel.rank, intel.launcher) == (1, "mpich")
+    alone = resolve_launch({})
+    assert (alone.rank, alone.world_size, alone.master_port, alone.launcher) == (0, 1, 0, "python")
+    assert first_host("gpu-[003-006,9],login1") == "gpu-003" and first_host("node7") == "node7"
+    assert tasks_per_node("8(x2),4") == [8, 8, 4]
+
+
+def test_a_process_that_would_train_alone_by_mistake_is_refused():
+    sbatch_shell = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    with pytest.raises(LaunchProblem, match="SLURM allocation .* entered without srun .* 8 processes"):
+        resolve_launch(sbatch_shell)
+    assert resolve_launch({**sbatch_shell, "WORLD_SIZE": "1", "RANK": "0"}).world_size == 1  # on purpose
+    srun_step = {**sbatch_shell, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8"}
+    with pytest.raises(LaunchProblem, match="srun .* 8 processes, but this one resolves to a world of 1"):
+        resolve_launch({**srun_step, "WORLD_SIZE": "1", "RANK": "0"})  # a script that exported WORLD_SIZE=1
+    with pytest.raises(LaunchProblem, match="mpirun -x MASTER_ADDR="):
+        resolve_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    with pytest.raises(LaunchProblem, match="not MASTER_ADDR, MASTER_PORT"):
+        resolve_launch({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+JOIN = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from trainer.engine import init_distributed
+env = init_distributed(timeout=60)
+total = torch.tensor([float(env.rank + 1)])
+dist.all_reduce(total)
+print(f"rank {{env.rank}} of {{env.world_size}} by {{env.launcher}}: {{total.item():.0f}}")
+"""
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_two_processes_started_the_srun_and_the_mpirun_way_form_one_world(launcher, tmp_path):
+    port = "29831" if launcher == "srun" else "29832"
+
+    def variables(rank: int) -> dict:
+        if launcher == "srun":  # what srun sets in each task (no torch variables, no MASTER_*)
+            return {"SLURM_JOB_ID": str(int(port) - 20000), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                    "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
+                    "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost"}
+        return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # mpirun -x
+
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN.format(root=ROOT)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=process_env(**variables(r))) for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    expected = "srun" if launcher == "srun" else "openmpi"
+    for rank, (out, err) in enumerate(outputs):
+        assert f"rank {rank} of 2 by {expected}: 3" in out, out + err[-2000:]

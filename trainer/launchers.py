@@ -1,0 +1,161 @@
+"""Who this process is in a job, whichever launcher started it: the deepspeed launcher (pdsh), torchrun, SLURM's
+srun, or mpirun (Open MPI, MVAPICH, MPICH / Intel MPI), or plain `python` for one process.
+
+Each launcher says it in its own variables; DeepSpeed reads only torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and otherwise looks for mpi4py. Resolved here into one LaunchEnv, then written into torch's variables
+before the process group starts. A process whose environment says "one of several" (an srun step or an MPI job of
+more than one task, a SLURM allocation of several tasks entered without srun) but resolves to a world of one is
+refused: every such process would otherwise train alone, on the same GPU, into the same run folder.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+
+class LaunchProblem(ValueError):
+    """The launcher's environment is incomplete or contradicts itself; the message says how to start the job."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # how it was told: deepspeed, torchrun, srun, openmpi, mvapich, mpich, environment, python
+
+    def torch_variables(self) -> dict:
+        """What torch and DeepSpeed read (DeepSpeed looks for mpi4py when one is missing)."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+# (launcher, rank, size, local rank, local size): the variables each MPI launcher sets in every process
+MPI_LAUNCHERS = (
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
+     "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+DEFAULT_PORT = 29500
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: "gpu-[003-006,9],login1" -> "gpu-003"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LaunchProblem(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR to the first node")
+    prefix, ranges = match[1], match[2]
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list: "8(x2),4" -> [8, 8, 4]."""
+    counts = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            raise LaunchProblem(f"cannot read SLURM's tasks per node {spec!r}")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts
+
+
+def _int(environ, name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise LaunchProblem(f"{name}={environ[name]!r} is not a number") from None
+
+
+def _from_torch(environ) -> LaunchEnv:
+    """RANK and WORLD_SIZE given: by the deepspeed launcher, torchrun, or by hand."""
+    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+    world = _int(environ, "WORLD_SIZE") if "WORLD_SIZE" in environ else 1
+    if world > 1:
+        missing += [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in environ]
+    if missing:
+        raise LaunchProblem(f"the environment sets {'RANK' if 'RANK' in environ else 'WORLD_SIZE'} but not "
+                            f"{', '.join(missing)}: a launcher (deepspeed, torchrun) sets them all")
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "deepspeed" if "CROSS_RANK" in environ \
+        else "environment"
+    local = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0
+    # the local world's size: LOCAL_SIZE from the deepspeed launcher, LOCAL_WORLD_SIZE from torchrun
+    names = ("LOCAL_SIZE",) if launcher == "deepspeed" else ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    local_world = next((environ[name] for name in names if name in environ), None)
+    return LaunchEnv(_int(environ, "RANK"), world, local, int(local_world) if local_world else world,
+                     environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", 0)), launcher)
+
+
+def _from_srun(environ) -> LaunchEnv:
+    world = _int(environ, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS")
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE"))
+    node = _int(environ, "SLURM_NODEID") if "SLURM_NODEID" in environ else 0
+    local_world = tasks_per_node(per_node)[node] if per_node else world
+    nodelist = environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST")))
+    if "MASTER_ADDR" not in environ and not nodelist and world > 1:
+        raise LaunchProblem("srun set no node list (SLURM_STEP_NODELIST): set MASTER_ADDR to the first node")
+    if "MASTER_PORT" in environ:
+        port = _int(environ, "MASTER_PORT")
+    elif "SLURM_JOB_ID" in environ:  # a port of the job's own: jobs may share a node
+        port = 20000 + _int(environ, "SLURM_JOB_ID") % 20000
+    else:
+        port = DEFAULT_PORT
+    return LaunchEnv(_int(environ, "SLURM_PROCID"), world, _int(environ, "SLURM_LOCALID"), local_world,
+                     environ.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1"), port, "srun")
+
+
+def _from_mpi(environ, launcher: str, rank: str, size: str, local: str, local_size: str) -> LaunchEnv:
+    world = _int(environ, size)
+    if world > 1 and "MASTER_ADDR" not in environ:
+        raise LaunchProblem(
+            f"started by mpirun ({launcher}) without MASTER_ADDR: pass the first node's address to every process, "
+            "e.g. mpirun -x MASTER_ADDR=node1 -x MASTER_PORT=29500 ... (Open MPI; -genv for MPICH/Intel MPI)")
+    return LaunchEnv(_int(environ, rank), world, _int(environ, local) if local in environ else 0,
+                     _int(environ, local_size) if local_size in environ else world,
+                     environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", DEFAULT_PORT)), launcher)
+
+
+def _claimed_processes(environ, explicit_world: bool) -> list[tuple[str, int]]:
+    """What the environment says about the job's process count: (who says it, how many)."""
+    claims = []
+    if "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ:
+        for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+            if name in environ:
+                claims.append((f"srun ({name})", _int(environ, name)))
+                break
+    elif "SLURM_NTASKS" in environ and not explicit_world:  # an allocation's shell: sbatch script, salloc
+        claims.append(("the SLURM allocation (SLURM_NTASKS), entered without srun", _int(environ, "SLURM_NTASKS")))
+    for launcher, _, size, _, _ in MPI_LAUNCHERS:
+        if size in environ:
+            claims.append((f"{launcher} ({size})", _int(environ, size)))
+    return claims
+
+
+def resolve_launch(environ=None) -> LaunchEnv:
+    """This process's place in the job, from the launcher's variables (torch's first: they are explicit)."""
+    environ = os.environ if environ is None else environ
+    explicit = "RANK" in environ or "WORLD_SIZE" in environ
+    if explicit:
+        env = _from_torch(environ)
+    elif "SLURM_PROCID" in environ and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ):
+        env = _from_srun(environ)
+    else:
+        found = next((m for m in MPI_LAUNCHERS if m[1] in environ), None)
+        env = _from_mpi(environ, *found) if found else LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "python")
+    if env.world_size == 1:
+        several = [(who, n) for who, n in _claimed_processes(environ, explicit) if n > 1]
+        if several:
+            who, n = several[0]
+            raise LaunchProblem(
+                f"{who} says this job has {n} processes, but this one resolves to a world of 1 ({env.launcher}): "
+                "each would train alone on the same GPU into the same run folder. Start one process per GPU with "
+                "srun (srun python trainer/pretrain.py ...), torchrun or the deepspeed launcher; to run one process "
+                "on purpose inside the allocation, set WORLD_SIZE=1 RANK=0")
+    if not 0 <= env.rank < env.world_size or not 0 <= env.local_rank < max(1, env.local_world_size):
+        raise LaunchProblem(f"rank {env.rank} of {env.world_size} (local {env.local_rank} of {env.local_world_size}, "
+                            f"from {env.launcher}) is not a place in the job")
+    return env
