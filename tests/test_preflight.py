@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_shards
+from conftest import make_shards, process_env
 from dali_pipes.dali_errors import NVDEC_HELP, first_meaningful_line, nvdec_missing
 from models import build_classifier, build_pretrain_model
 from models.config import ClassifierConfig, MAEConfig, resolve_config
@@ -67,9 +67,9 @@ except NotShared as err:
 
 def _two_ranks(folder0, folder1, port):
     script = SHARED_CHECK.format(root=ROOT)
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(folder0), str(folder1)], stdout=subprocess.PIPE,
-                              text=True, env={**env, "RANK": str(r)}) for r in range(2)]
+                              text=True, env=process_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                                                         MASTER_PORT=port)) for r in range(2)]
     return [p.communicate(timeout=120)[0] for p in procs]
 
 
@@ -95,17 +95,26 @@ DECODE_FAILED = ('Critical error in pipeline:\nError in CPU operator `nvidia.dal
                  'Current pipeline object is no longer valid.\nCurrent pipeline object is no longer valid.')
 
 
-def test_dali_errors_are_summarised_and_a_missing_nvdec_is_explained(tmp_path):
+def test_dali_errors_are_summarised_and_a_missing_nvdec_is_explained(tmp_path, monkeypatch):
     assert first_meaningful_line(DECODE_FAILED) == 'decoders.video: Failed to create video decoder for "memory file"'
     assert nvdec_missing(NVDEC_MISSING) and not nvdec_missing(DECODE_FAILED)
+    from nvidia.dali.pipeline import Pipeline
+
     from dali_pipes import build_pretrain_loader
+    from dali_pipes.dali_errors import NvdecUnavailable
 
     loader = build_pretrain_loader(make_shards(tmp_path, n=2), batch_size=2, repeats=1, num_frames=4, crop_size=16)
-    with pytest.raises(RuntimeError) as err:  # (the message alone decides: the batch is not even looked at)
-        loader.repair.repair(None, RuntimeError(NVDEC_MISSING))
+
+    def no_nvdec(self):
+        raise RuntimeError(NVDEC_MISSING)
+
+    monkeypatch.setattr(Pipeline, "share_outputs", no_nvdec)
+    with pytest.raises(NvdecUnavailable) as err:  # the message alone decides: no clip-by-clip repair
+        next(iter(loader))
     assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility,video" in str(err.value) and "decoder=pyav" in str(err.value)
-    assert "Failed to load libnvcuvid.so" in str(err.value)
-    assert NVDEC_HELP in str(err.value)
+    assert "Failed to load libnvcuvid.so" in str(err.value) and NVDEC_HELP in str(err.value)
+    assert loader.skipped == 0
+    loader.close()
 
 
 def test_gpu_peaks_match_the_exact_sku():
@@ -140,33 +149,45 @@ def test_the_parameter_count_behind_the_memory_estimate_is_exact(size):
 
 
 def test_the_memory_plan_recomputes_only_when_it_must():
+    from trainer.ds_config import BatchPlan, DsConfig
+    from trainer.memory_plan import runtime_reserve
+
     recipe = PRETRAIN_RECIPES["k400_VIT_H_16x4_MAE_PT"]
     cfg = resolve_config(MAEConfig, "vit_h")
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 8, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": 2}}
+    config = DsConfig("zero2.json", {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True},
+                                     "zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                           "reduce_bucket_size": 25_000_000}})
+    batch = BatchPlan(8, 8, 8)
     estimate = training_memory(cfg, 8, 4, world_size=8, accumulation=8)
     assert 8 * GB < estimate.total < 20 * GB  # ViT-H, 8 clips x 4 views per GPU, ZeRO-2 over 8 GPUs
-    h100, note = plan_recompute(cfg, recipe, config, 8, 4, capacity=80 * GB)
-    assert not h100.grad_checkpointing and "no recompute" in note
-    small, note = plan_recompute(cfg, recipe, {**config, "train_micro_batch_size_per_gpu": 16}, 8, 4,
-                                 capacity=24 * GB)
+    h100, note = plan_recompute(cfg, recipe, config, batch, 4, capacity=80 * GB)
+    assert not h100.grad_checkpointing and "no recompute" in note and "dali" in note and "nccl" in note
+    small, note = plan_recompute(cfg, recipe, config, BatchPlan(16, 4, 8), 4, capacity=24 * GB)
     assert small.grad_checkpointing and "recomputing blocks" in note
     with pytest.raises(ValueError, match="ZeRO-3"):
-        plan_recompute(cfg, recipe, {**config, "train_micro_batch_size_per_gpu": 64}, 8, 4, capacity=24 * GB)
+        plan_recompute(cfg, recipe, config, BatchPlan(64, 1, 8), 4, capacity=24 * GB)
     by_hand = dataclasses.replace(FINETUNE_RECIPES["k400_VIT_H_16x4_FT"], model_options={"grad_checkpointing": True})
-    forced, note = plan_recompute(cfg, by_hand, config, 8, 2, capacity=80 * GB)
+    forced, note = plan_recompute(cfg, by_hand, config, batch, 2, capacity=80 * GB)
     assert "set by the recipe" in note
     cpu, note = plan_recompute(resolve_config(ClassifierConfig, "vit_b"), FINETUNE_RECIPES["k400_VIT_B_16x4_FT"],
-                               config, 1, 2, capacity=None)
+                               config, BatchPlan(8, 1, 1), 2, capacity=None)
     assert not cpu.grad_checkpointing and "host memory" in note
+    # what the GPU holds beside the model, counted by what holds it instead of a flat 6 GB
+    reserve = runtime_reserve(recipe, config, batch, 4, frame_pixels=256 * 341)
+    assert reserve["deepspeed_buckets"] == 25_000_000 * 2 * 2 + 500_000_000 * 2  # two reduce buckets, one gather
+    assert reserve["nccl"] == 32 * 2 * 2 * 4 * 2**20
+    views = 4 * 3 * 16 * 224 * 224 * 2  # bf16
+    assert reserve["dali"] == 4 * 2 * 8 * (16 * 256 * 341 * 3 + views) and reserve["loader_batches"] == 2 * 8 * views
+    assert "nccl" not in runtime_reserve(recipe, config, BatchPlan(8, 8, 1), 4)  # one process: no communicator
 
 
 def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeypatch, tmp_path):
-    """bf16 keeps 8 mantissa bits: every GPU ds_config accumulates in fp32, and load_ds_config adds it when a config
+    """bf16 keeps 8 mantissa bits: every GPU ds_config accumulates in fp32, and the trainer adds it when a config
     accumulates without saying. DeepSpeed 0.19.8 takes it under ZeRO-1, 2 and 3 (checked on the CPU, in bf16)."""
     import deepspeed
 
-    from trainer.engine import init_distributed, load_ds_config
+    from trainer.ds_config import plan_batch, read_ds_config
+    from trainer.engine import init_distributed
 
     for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16"):
         assert json.load(open(os.path.join(ROOT, "ds_configs", f"{name}.json")))["data_types"] == {
@@ -175,7 +196,7 @@ def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeyp
     bare.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                                 "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     recipe = dataclasses.replace(PRETRAIN_RECIPES["k400_VIT_B_16x4_MAE_PT"], batch_size=None)
-    config = load_ds_config(str(bare), recipe, 1, torch.device("cpu"))
+    config = read_ds_config(str(bare), recipe).for_deepspeed(recipe, plan_batch(None, 2, 1, 2))
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     init_distributed()
@@ -194,8 +215,9 @@ def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeyp
             assert any(not torch.equal(a, b.detach().float()) for a, b in zip(before, engine.module.parameters()))
 
 
-def test_the_shards_check_knows_what_nvdec_decodes_and_what_hd_costs(tmp_path):
-    from tools.checks.preflight import check_shards
+def test_the_shards_check_knows_what_nvdec_decodes_on_this_gpu_and_what_hd_costs(tmp_path):
+    from dali_pipes.decoders import choose_route
+    from tools.checks.decoding import check_shards
 
     def manifest(formats, short_side):
         (tmp_path / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"train": {
@@ -203,15 +225,150 @@ def test_the_shards_check_knows_what_nvdec_decodes_and_what_hd_costs(tmp_path):
             "formats": formats, "shards": [{}], "pixels_median": short_side * short_side * 16 // 9,
             "short_side": {"min": short_side, "median": short_side, "max": short_side,
                            "above_320": sum(formats.values()) if short_side > 320 else 0}}}}))
-        return str(tmp_path)
+        return str(tmp_path), choose_route("auto", formats, (9, 0))  # an H100
 
     gpu = torch.device("cuda")
-    good = check_shards(manifest({"h264/yuv420p": 90, "vp9/yuv420p10le": 10}, 256), "train", "dali-gpu", gpu, None, 4)
-    assert good.status == "PASS"
-    bad = check_shards(manifest({"h264/yuv420p": 90, "h264/yuv444p": 3}, 256), "train", "dali-gpu", gpu, None, 4)
-    assert bad.status == "FAIL" and "h264/yuv444p" in bad.summary and "--codec h264" in bad.fix
-    hd = check_shards(manifest({"h264/yuv420p": 5}, 1080), "train", "dali-gpu", gpu, 1200.0, 4)
+    data, route = manifest({"h264/yuv420p": 90, "vp9/yuv420p10le": 10}, 256)
+    assert check_shards(data, "train", route, gpu, None, 4).status == "PASS"
+    data, route = manifest({"h264/yuv420p": 90, "av1/yuv420p": 10}, 256)
+    av1 = check_shards(data, "train", route, gpu, None, 4)
+    assert av1.status == "WARN" and "NVDEC cannot decode av1/yuv420p (10 clips): 10.0% of the clips decode on the " \
+        "host with pyav" in av1.summary and "--codec h264" in av1.fix and av1.figures["host_decoded_share"] == 0.1
+    data, route = manifest({"h264/yuv420p": 5}, 1080)
+    hd = check_shards(data, "train", route, gpu, 1200.0, 4)
     assert hd.status == "WARN" and "projected NVDEC H.264 decode ~" in hd.summary and "needs ~300" in hd.summary
     assert hd.figures["projected_nvdec_clips_per_s_per_engine"] < 60  # 1080p costs ~18x the pixels of 256p
-    cpu = check_shards(manifest({"hevc/yuv420p": 5}, 256), "train", "dali-cpu", torch.device("cpu"), None, 4)
-    assert cpu.status == "FAIL" and "decoder=pyav" in cpu.fix
+
+
+def test_the_preflight_decodes_a_probe_of_every_codec_with_the_decoder_it_gets_here():
+    """The decoders check probes each codec of the shards through the decoder the loader's route gives it: on an
+    H100 the AV1 clips go to PyAV (its NVDEC has no AV1), so that is what is probed for them."""
+    from dali_pipes.decoders import choose_route
+    from tools.checks.decoding import check_decoders, decoder_assignments
+
+    cpu = torch.device("cpu")
+    formats = {"vp9/yuv420p": 10, "h264/yuv420p": 3}
+    nvdec, host = check_decoders(choose_route("auto", formats, None), formats, cpu)
+    assert nvdec.status == "SKIP" and host.status == "PASS", host
+    assert "vp9/yuv420p (dali-cpu), h264/yuv420p (pyav)" in host.summary
+    on_h100 = choose_route("auto", {"h264/yuv420p": 8, "av1/yuv420p10le": 2}, (9, 0))
+    assigned = {codec: (decoder.name, pix) for codec, (decoder, pix) in decoder_assignments(
+        on_h100, on_h100.host_formats | {"h264/yuv420p": 8}).items()}
+    assert assigned == {"h264": ("dali-gpu", "yuv420p"), "av1": ("pyav", "yuv420p10le")}
+    _, host = check_decoders(on_h100, {"h264/yuv420p": 8, "av1/yuv420p10le": 2}, cpu)
+    assert host.status == "PASS" and "av1/yuv420p10le (pyav)" in host.summary
+
+
+FAILING_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+from trainer import run_folder
+if os.environ["RANK"] == "1":  # a read-only mount on this rank's node
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+    run_folder.write_token = refuse
+from tools import preflight
+sys.exit(preflight.main(sys.argv[1:]))
+"""
+
+
+def test_a_check_that_raises_on_one_rank_is_a_fail_naming_it_not_a_hang(tmp_path):
+    """Rank 1 cannot write into the run folder: it used to skip the barrier the others waited in, and the job hung
+    for the process group's 10 minutes. Every rank now takes every collective and the FAIL names rank 1."""
+    import time
+
+    shards = make_shards(tmp_path, n=4, frames=20)
+    args = ["--data", shards, "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+            "--output", str(tmp_path / "run"), "--timeout", "60"]
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_RANK.format(root=ROOT), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=process_env(
+                                  RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29841))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert time.time() - start < 60, outputs[0][-3000:]
+    assert [p.returncode for p in procs] == [1, 1], outputs[0][-3000:]
+    report = outputs[0]
+    assert "FAIL  shared folder" in report and "rank 1 on" in report and "cannot write there: PermissionError" in report
+    assert "timed run     not run: a check failed on ranks [0, 1]" in report
+    assert json.load(open(tmp_path / "run" / "preflight.json"))["counts"]["FAIL"] >= 1
+
+
+def test_a_job_whose_other_ranks_never_come_fails_within_the_timeout(tmp_path):
+    """Rank 1 of 2 alone, rank 0 never started (a node that did not boot, a wrong MASTER_ADDR): a FAIL line within
+    --timeout, not a hang in the process group's start."""
+    shards = make_shards(tmp_path, n=2, frames=20)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", shards, "--recipe",
+                             "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--output",
+                             str(tmp_path / "run"), "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                            env=process_env(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=29842))
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    assert "FAIL  distributed start" in result.stdout and "could not join the job" in result.stdout
+
+
+# NCCL's INFO lines as NCCL 2.19-2.31 write them (the format strings of its INFO() calls)
+NCCL_IB = """node-0:120:180 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB [RO]; OOB eth0:10.0.0.1<0>
+node-0:120:180 [0] NCCL INFO Using network IB
+node-0:120:180 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read
+node-0:120:180 [0] NCCL INFO Channel 00/0 : 0[0] -> 8[0] [send] via NET/IB/0/GDRDMA
+"""
+NCCL_SOCKET = """node-0:120:180 [0] NCCL INFO NET/Socket : Using [0]eth0:10.0.0.1<0>
+node-0:120:180 [0] NCCL INFO Using network Socket
+node-0:120:180 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via SHM/direct/direct
+node-0:120:180 [0] NCCL INFO Channel 00/0 : 0[0] -> 8[0] [send] via NET/Socket/0
+"""
+
+
+def test_the_network_check_tells_infiniband_from_a_tcp_fallback(monkeypatch):
+    """Bus bandwidth alone passed NCCL on TCP sockets over 100-200 GbE (10-20 GB/s): the transport NCCL reports is
+    judged by name, and the bandwidth within a node and across nodes against its own kind of link."""
+    from tools.checks import environment
+    from tools.checks.environment import _judge_network, nccl_transports
+
+    assert nccl_transports(NCCL_IB) == {"network": "IB", "paths": ["NET/IB", "P2P"]}
+    assert nccl_transports(NCCL_SOCKET) == {"network": "Socket", "paths": ["NET/Socket", "SHM"]}
+    assert nccl_transports("NCCL INFO Using network IBext_v8")["network"] == "IB"  # through NCCL's plugin
+    gpu = torch.device("cuda")
+    base = {"backend": "nccl", "ranks": 16, "nodes": 2, "megabytes": 256}
+    healthy = _judge_network({**base, "within_node_gb_per_s": 420.0, "across_nodes_gb_per_s": 45.0,
+                              **nccl_transports(NCCL_IB)}, gpu, within=True, across=True)
+    assert healthy.status == "PASS" and "NCCL network IB" in healthy.summary
+    monkeypatch.setattr(environment.glob, "glob", lambda pattern: ["/sys/class/infiniband/mlx5_0"])
+    sockets = _judge_network({**base, "within_node_gb_per_s": 380.0, "across_nodes_gb_per_s": 18.0,
+                              **nccl_transports(NCCL_SOCKET)}, gpu, within=True, across=True)
+    assert sockets.status == "FAIL" and "over TCP sockets although this node has InfiniBand" in sockets.summary
+    assert "host memory" in sockets.summary and "NCCL_IB_HCA" in sockets.fix  # SHM inside the node too
+    monkeypatch.setattr(environment.glob, "glob", lambda pattern: [])
+    assert _judge_network({**base, "within_node_gb_per_s": 380.0, "across_nodes_gb_per_s": 18.0,
+                           **nccl_transports(NCCL_SOCKET)}, gpu, within=False, across=True).status == "WARN"
+    slow_ib = _judge_network({**base, "across_nodes_gb_per_s": 4.0, **nccl_transports(NCCL_IB)}, gpu, within=False,
+                             across=True)
+    assert slow_ib.status == "WARN" and "under 10 GB/s" in slow_ib.summary
+
+
+TWO_NODES = """
+import socket, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if {apart} and rank == 1:
+    socket.gethostname = lambda: "node-b"  # as if on a second node
+from tools.checks.environment import check_network
+from tools.checks.ranks import Ranks
+check = check_network(torch.device("cpu"), Ranks(rank, 2, 60), None, megabytes=1)
+print(rank, check.status, sorted(k for k in check.figures if k.endswith("gb_per_s")), check.figures["nodes"])
+"""
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_the_network_check_measures_within_a_node_and_across_nodes_apart(apart):
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_NODES.format(root=ROOT, apart=apart)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=process_env(
+                                  RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29851 + apart))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    first = outputs[0][0].strip()
+    expected = "['across_nodes_gb_per_s'] 2" if apart else "['within_node_gb_per_s'] 1"
+    assert first == f"0 PASS {expected}", outputs[0][1][-2000:]

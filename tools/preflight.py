@@ -5,27 +5,32 @@ with the fix for each problem, and RUN_DIR/preflight.json. Exits 1 if anything F
         --ds_config ds_configs/zero2_bf16.json --output runs/vit_l
     deepspeed --num_gpus 8 tools/preflight.py ...          # every rank checks itself; rank 0 reports
     deepspeed --hostfile hostfile tools/preflight.py ...   # the whole job: shared folder, NCCL between nodes
+    srun python tools/preflight.py ...                     # (or torchrun, mpirun: as the trainer)
 
 Checks: versions (and DALI's video decoder features), the output folder shared by every rank, all-reduce bus
-bandwidth, NVDEC decoding a real H.264 clip (GPU) or the host decoder the loader will use (CPU), the shards against
-the hardware (formats NVDEC cannot decode, frame sizes), the attention kernel that runs for the recipe's shapes,
-memory (one real micro-batch on a GPU; the estimate on a CPU), and a short timed run of the real trainer. On a CPU
-machine the GPU-only checks say "skipped (no GPU)". Recipe overrides work as in the trainers (key=value).
+bandwidth within a node and across nodes with the transport NCCL chose, a probe clip of every codec in the shards
+decoded by the decoder it gets here (NVDEC on the GPU this runs on, or a host decoder), the shards against the
+hardware (formats this GPU's NVDEC cannot decode, frame sizes), the attention kernel that runs for the recipe's
+shapes, memory (one real micro-batch on a GPU; the estimate on a CPU), and a short timed run of the real trainer.
+On a CPU machine the GPU-only checks say "skipped (no GPU)". Recipe overrides work as in the trainers (key=value).
+Every rank takes part in every collective whatever fails on its side, with --timeout on each, so a rank that fails
+or hangs becomes a FAIL naming it instead of a job that hangs.
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script (python tools/preflight.py, or by the deepspeed launcher)
     sys.path.insert(0, ROOT)
 
-from tools.checks.preflight import FAIL, PASS, SKIP, WARN, Check, guarded  # noqa: E402
+from tools.checks.report import FAIL, SKIP, Check, guarded, merge, write_report  # noqa: E402
 
-ORDER = {FAIL: 3, WARN: 2, PASS: 1, SKIP: 0}
+RANK_REPORTS = ".preflight"  # each rank's checks, in --output: read when some rank does not answer the gather
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,12 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ds_config", required=True, help="the DeepSpeed config the run will use")
     p.add_argument("--output", required=True, help="the run folder the run will use (preflight.json goes there)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of the timed run (default 30)")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds a rank waits for the others in a collective before that check FAILs, naming the "
+                        "ranks that did not answer (default 300)")
     p.add_argument("--pretrained", help="fine-tuning recipes: the weights the run will start from")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, model.key=value")
     args = p.parse_intermixed_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
     return args
 
 
@@ -55,46 +65,42 @@ def task_for(recipe_name: str):
     raise ValueError(f"unknown recipe {recipe_name!r}; choose one of {known}")
 
 
-def merge(per_rank: list[list[dict]]) -> list[Check]:
-    """One Check per name over all ranks: the worst status; rank 0's text unless another rank is worse."""
-    merged = []
-    for i, first in enumerate(per_rank[0]):
-        checks = [Check(**ranks[i]) for ranks in per_rank]
-        worst = max(range(len(checks)), key=lambda r: (ORDER[checks[r].status], -r))
-        chosen = checks[worst]
-        if len(checks) > 1 and worst != 0:
-            ranks = [r for r, c in enumerate(checks) if c.status == chosen.status]
-            chosen.summary = f"ranks {ranks[:16]}{' ...' if len(ranks) > 16 else ''}: {chosen.summary}"
-        merged.append(chosen)
-    return merged
-
-
-def report(checks: list[Check], header: str, path: str) -> int:
-    print(header)
-    for check in checks:
-        print(f"{check.status:4s}  {check.name:13s} {check.summary}")
-        if check.fix and check.status in (FAIL, WARN):
-            print(f"      {'fix:':13s} {check.fix}")
-    counts = {s: sum(c.status == s for c in checks) for s in (FAIL, WARN, PASS, SKIP)}
-    with open(path, "w") as f:
-        json.dump({"header": header, "counts": counts, "checks": [asdict(c) for c in checks]}, f, indent=1)
-    print(f"result: {counts[FAIL]} FAIL, {counts[WARN]} WARN, {counts[PASS]} PASS, {counts[SKIP]} skipped; "
-          f"written to {path}")
-    return 1 if counts[FAIL] else 0
+def gather_reports(ranks, rank: int, own: list, folder: str, wait: float = 10.0) -> list:
+    """Every rank's checks (as dicts); a rank that does not answer the gather in time is read from the file it
+    wrote into the shared run folder, or is None."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{rank:05d}.json"), "w") as f:
+        json.dump(own, f)
+    gathered = ranks.gather(own)
+    if gathered is not None:
+        return gathered
+    deadline, found = time.time() + wait, {}
+    while time.time() < deadline and len(found) < ranks.world_size:
+        for r in range(ranks.world_size):
+            path = os.path.join(folder, f"rank{r:05d}.json")
+            if r not in found and os.path.exists(path):
+                with open(path) as f:
+                    found[r] = json.load(f)
+        time.sleep(0.5)
+    return [found.get(r) for r in range(ranks.world_size)]
 
 
 def main(argv=None) -> int:
-    import torch
-    import torch.distributed as dist
+    import shutil
 
-    from dali_pipes.decoders import choose_decoder, gpu_available
+    import torch
+
+    from dali_pipes.decoders import choose_route, gpu_capability
     from dali_pipes.shard_format import read_manifest
-    from tools.checks import preflight as checks
-    from trainer.engine import init_distributed, load_ds_config
+    from dali_pipes.shard_set import open_shard_set
+    from tools.checks import decoding, environment, model, timed_run
+    from tools.checks.ranks import Ranks
+    from trainer.ds_config import plan_batch, read_ds_config
+    from trainer.engine import init_distributed
     from trainer.recipes import check_recipe, resolve_recipe
 
     args = parse_args(argv)
-    results = [guarded("versions", checks.check_versions)]
+    results = [guarded("versions", environment.check_versions)]
     try:  # what the trainer refuses before starting anything: nothing else can be checked without it
         task_type = task_for(args.recipe)
         recipe = resolve_recipe(task_type.recipes, args.recipe, args.overrides)
@@ -104,57 +110,65 @@ def main(argv=None) -> int:
         model_cfg = task.model_config(recipe, manifest["label_map"])
     except (ValueError, TypeError, FileNotFoundError) as err:
         results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
-        return report(results, "preflight stopped before starting any process", os.path.join(
+        return write_report(results, "preflight stopped before starting any process", os.path.join(
             args.output, "preflight.json") if os.path.isdir(args.output) else "preflight.json")
     os.makedirs(args.output, exist_ok=True)
-    env = init_distributed()
+    nccl_log = environment.log_nccl_to(os.path.join(args.output, "nccl"))
+    try:
+        env = init_distributed(timeout=args.timeout)
+    except Exception as err:  # an incomplete launch, or a network that does not answer within the timeout
+        first = (str(err).strip().splitlines() or [""])[0][:600]
+        results.append(Check("distributed start", FAIL, f"{type(err).__name__}: {first}",
+                             "every process of the job must start and reach MASTER_ADDR:MASTER_PORT (see the README's "
+                             "launcher table); NCCL_DEBUG=INFO shows the network NCCL tries"))
+        return write_report(results, "preflight stopped: this process could not join the job", None)
+    ranks = Ranks(env.rank, env.world_size, 2 * args.timeout)
     views = task.views_per_clip(recipe)
-    results.append(guarded("shared folder", checks.check_shared_folder, args.output, env.rank, env.world_size))
-    results.append(guarded("all-reduce", checks.check_all_reduce, env.device, env.world_size))
-    results.append(guarded("NVDEC", checks.check_nvdec, env.device))
-    codecs = manifest["splits"].get(recipe.split, {}).get("codecs", {})
+    results.append(guarded("shared folder", environment.check_shared_folder, args.output, env.rank, env.world_size))
+    results.append(guarded("all-reduce", environment.check_network, env.device, ranks, nccl_log))
+    route = None
     try:
-        decoder = choose_decoder(recipe.decoder, codecs, env.device.type == "cuda" and gpu_available())[0].name
-    except ValueError as err:
-        decoder = None
-        results.append(Check("host decoder", FAIL, str(err), "choose another decoder= or rebuild the shards"))
-    if decoder:
-        results.append(guarded("host decoder", checks.check_host_decoder, decoder))
-    ds_config = None
+        formats = open_shard_set(args.data, recipe.split, recipe.skip_damaged_shards).formats
+        route = choose_route(recipe.decoder, formats, gpu_capability(env.device))
+        results += decoding.check_decoders(route, formats, env.device)
+    except (ValueError, FileNotFoundError) as err:
+        results.append(Check("decoders", FAIL, str(err), "choose another decoder=, or rebuild the shards"))
+    ds_config = batch = None
     try:
-        ds_config = load_ds_config(args.ds_config, recipe, env.world_size, env.device)
+        ds_config = read_ds_config(args.ds_config, recipe)
+        batch = plan_batch(recipe.batch_size, ds_config.micro_batch, env.world_size, ds_config.accumulation)
     except ValueError as err:
-        results.append(Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config as it says"))
-    if ds_config:
-        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-        results.append(guarded("attention", checks.check_attention, model_cfg, env.device, dtype))
-        results.append(guarded("memory", checks.check_memory, model_cfg, recipe, ds_config, env.device,
-                               env.world_size, views))
-    # the timed run needs every rank healthy: a rank that failed above would hang the others' collectives
-    healthy = all(c.status != FAIL for c in results)
-    statuses = [healthy] * env.world_size
-    if env.world_size > 1:
-        dist.all_gather_object(statuses, healthy)
-    if all(statuses) and ds_config:
+        results.append(Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config or the recipe as "
+                             "it says"))
+    if batch:
+        pixels = manifest["splits"].get(recipe.split, {}).get("pixels_median")
+        results.append(guarded("attention", model.check_attention, model_cfg, env.device, ds_config.dtype))
+        results.append(guarded("memory", model.check_memory, model_cfg, recipe, ds_config, batch, env.device, views,
+                               pixels))
+    # the timed run's collectives need every rank healthy: a rank that failed above would leave the others waiting
+    failing = ranks.failing(all(c.status != FAIL for c in results) and batch is not None)
+    if failing == [] and batch:
         run_args = argparse.Namespace(ds_config=args.ds_config, recipe=args.recipe, data=args.data,
                                       output=args.output, max_steps=None)
-        timed = guarded("timed run", checks.check_timed_run, task, run_args, recipe, model_cfg, env, args.steps,
-                        ds_config)
+        timed = guarded("timed run", timed_run.check_timed_run, task, run_args, recipe, model_cfg, env, args.steps,
+                        batch, ds_config.dtype)
     else:
-        timed = Check("timed run", SKIP, "not run: a check above failed (on this or another rank)")
+        where = "some rank did not answer" if failing is None else f"a check failed on ranks {failing[:16]}"
+        timed = Check("timed run", SKIP, f"not run: {where}")
     results.append(timed)
-    shards = guarded("shards", checks.check_shards, args.data, recipe.split, decoder, env.device,
-                     timed.figures.get("views_per_s_per_gpu"), views)
-    results.insert(4, shards)
-    gathered = [[asdict(c) for c in results]] * env.world_size
-    if env.world_size > 1:
-        dist.all_gather_object(gathered, [asdict(c) for c in results])
-    merged = merge(gathered)
+    if route is not None:
+        shards = guarded("shards", decoding.check_shards, args.data, recipe.split, route, env.device,
+                         timed.figures.get("views_per_s_per_gpu"), views)
+        results.insert(4, shards)
+    folder = os.path.join(args.output, RANK_REPORTS)
+    merged = merge(gather_reports(ranks, env.rank, [asdict(c) for c in results], folder))
     if not env.is_main:
         return 1 if any(c.status == FAIL for c in merged) else 0
+    shutil.rmtree(folder, ignore_errors=True)
     gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU (no GPU)"
-    header = f"preflight of {args.recipe} on {args.data}: {env.world_size} process(es); {gpu}"
-    return report(merged, header, os.path.join(args.output, "preflight.json"))
+    header = (f"preflight of {args.recipe} on {args.data}: {env.world_size} process(es) started by {env.launcher}; "
+              f"{gpu}")
+    return write_report(merged, header, os.path.join(args.output, "preflight.json"))
 
 
 if __name__ == "__main__":

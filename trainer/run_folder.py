@@ -35,22 +35,35 @@ def unseen_ranks(run_dir: str, world_size: int, run_id: str) -> list[int]:
     return [r for r in range(world_size) if f"{run_id}-rank{r:05d}" not in present]
 
 
+def write_token(path: str) -> None:
+    with open(path, "w") as f:
+        f.write(socket.gethostname())
+
+
 def check_shared(run_dir: str, rank: int, world_size: int) -> None:
     """Every rank writes a token into run_dir and must see every other rank's; raises NotShared naming who sees
-    whom. One process (or all on one node) trivially passes. A collective: every rank must call it."""
+    whom, or who could not write. One process (or all on one node) trivially passes. A collective: every rank must
+    call it, and every rank takes every step of it whatever fails on its side (a rank that left early would leave
+    the others waiting in a collective), so all raise together."""
     run_id = _gather(uuid.uuid4().hex[:12] if rank == 0 else None, world_size)[0]
     folder = os.path.join(run_dir, TOKENS)
-    os.makedirs(folder, exist_ok=True)
     token = os.path.join(folder, f"{run_id}-rank{rank:05d}")
-    with open(token, "w") as f:
-        f.write(socket.gethostname())
-    if world_size > 1:
-        dist.barrier()
-    reports = _gather((socket.gethostname(), os.path.abspath(run_dir), unseen_ranks(run_dir, world_size, run_id)),
-                      world_size)
-    if world_size > 1:
-        dist.barrier()  # everyone looked: tokens can go
-    os.remove(token)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_token(token)
+        problem = None
+    except OSError as err:
+        problem = f"{type(err).__name__}: {err}"
+    problems = _gather((socket.gethostname(), problem), world_size)
+    missing = [] if any(p for _, p in problems) else unseen_ranks(run_dir, world_size, run_id)
+    reports = _gather((socket.gethostname(), os.path.abspath(run_dir), missing), world_size)  # everyone looked
+    if os.path.exists(token):
+        os.remove(token)
+    failed = [(r, host, p) for r, (host, p) in enumerate(problems) if p]
+    if failed:
+        lines = [f"rank {r} on {host} cannot write there: {p}" for r, host, p in failed[:8]]
+        raise NotShared(f"the output folder {run_dir} is not writable by every rank:\n  " + "\n  ".join(lines)
+                        + "\nGive --output a folder every rank can write, on a filesystem all nodes share.")
     blind = [(r, host, path, missing) for r, (host, path, missing) in enumerate(reports) if missing]
     if blind:
         lines = [f"rank {r} on {host} ({path}) does not see the files of ranks {_ranges(missing)}"

@@ -1,0 +1,96 @@
+"""The preflight's last check: a short run of the real trainer on the real shards, timed (clips/s and views/s per GPU,
+MFU, the share of time waiting for data, and the loader alone), beside the GPU projection."""
+
+import os
+import shutil
+import time
+from argparse import Namespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tools.bench.gpu_projection import ACCELERATORS, projection
+from tools.checks.model import bare_model
+from tools.checks.report import FAIL, NO_GPU, PASS, SKIP, WARN, Check
+
+
+def loader_rate(loader, batches: int, warmup: int = 2) -> float:
+    """Clips/s of the loader alone (what its decoders deliver when nothing else runs)."""
+    def endless():
+        while True:
+            yield from loader
+
+    stream = endless()
+    for _ in range(warmup):
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(stream)
+    if batch["video"].is_cuda:
+        torch.cuda.synchronize(batch["video"].device)
+    return batches * loader.config.batch_size / (time.perf_counter() - start)
+
+
+def check_timed_run(task, args: Namespace, recipe, model_cfg, env, steps: int, batch, dtype: torch.dtype) -> Check:
+    """`steps` optimizer steps of the real recipe from the real shards, through the trainer itself."""
+    import dataclasses
+
+    from trainer.device_peak import measured_matmul_peak
+    from trainer.run import Run
+
+    out = os.path.join(args.output, "preflight_run")
+    if env.device.type != "cuda":  # would the recipe's model finish in a couple of minutes on this CPU?
+        clips = steps * batch.micro_batch * batch.accumulation
+        flops = task.train_flops_per_clip(bare_model(model_cfg), recipe) * clips
+        seconds = flops / (0.5 * measured_matmul_peak(env.device, dtype, seconds=0.2))
+        if seconds > 120:
+            return Check("timed run", SKIP, f"{NO_GPU}: {steps} steps of {recipe.model} in {dtype} would take "
+                         f"~{seconds / 60:.0f} min on this CPU (a CPU can time the demo recipe: --recipe demo_PT "
+                         "--ds_config ds_configs/cpu.json)")
+    if env.is_main:
+        shutil.rmtree(out, ignore_errors=True)
+    if env.world_size > 1:
+        dist.barrier()
+    quiet = {"checkpoint_every": 0, "image_every": 0, "log_every": 0}
+    quiet.update({"eval_every": 0} if hasattr(recipe, "eval_every") else {})
+    run = Run(task, Namespace(**{**vars(args), "output": out, "max_steps": None}), dataclasses.replace(recipe, **quiet),
+              model_cfg, quiet=True)
+    try:
+        alone = loader_rate(run.loader, batches=max(4, steps // 2))
+        problem = run.run_steps(run.step + steps)
+    finally:
+        run.close()
+    if env.world_size > 1:
+        dist.barrier()
+    if env.is_main:
+        shutil.rmtree(out, ignore_errors=True)
+    if problem:
+        return Check("timed run", FAIL, problem, "lower blr or check the data: the loss guard stopped the run")
+    rows = list(run.monitor.history)[len(run.monitor.history) // 2:]  # the second half: warm
+    if not rows:
+        return Check("timed run", PASS, f"{steps} steps ran (figures on rank 0)")
+
+    def median(key):
+        return float(np.median([r[key] for r in rows]))
+
+    figures = {"steps": steps, "clips_per_s_per_gpu": median("clips_per_s_per_device"),
+               "views_per_s_per_gpu": median("views_per_s_per_device"), "mfu": median("mfu"),
+               "data_wait_share": median("data_wait_share"), "loader_alone_clips_per_s": alone,
+               "decoder": run.loader.route.name}
+    summary = (f"measured over {steps} steps: {figures['clips_per_s_per_gpu']:.1f} clips/s per "
+               f"{'GPU' if env.device.type == 'cuda' else 'process'} ({figures['views_per_s_per_gpu']:.1f} views/s), "
+               f"MFU {100 * figures['mfu']:.1f}%, waiting for data {100 * figures['data_wait_share']:.0f}% of the "
+               f"time; the loader alone ({run.loader.route.name}) {alone:.1f} clips/s")
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
+    accelerator = next((name for name in ACCELERATORS if name in gpu), None) or "H100"
+    if recipe.model in ("vit_b", "vit_l", "vit_h"):
+        p = projection(accelerator, 0.4, repeats=recipe.repeats, crop_size=recipe.crop_size)
+        row = next(r for r in p["rows"] if r["model"] == recipe.model)
+        figures["projected"] = {"accelerator": accelerator, "views_per_s": row["views_per_s"], "assumed_mfu": 0.4}
+        summary += f"; projected for one {accelerator} at 40% MFU: {row['views_per_s']} views/s"
+    if figures["data_wait_share"] > 0.1:
+        return Check("timed run", WARN, summary + " (the loader limits)",
+                     "more decoding pipelines (decode_pipelines=...), loader_threads, or shards with a shorter "
+                     "keyframe interval and a 256 px short side", figures)
+    return Check("timed run", PASS, summary, figures=figures)
