@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from conftest import make_shards
+from conftest import make_shards, process_env
 from models import build_classifier, load_pretrained
 from trainer import pretrain
-from trainer.engine import ConfigConflict, load_ds_config, warmup_cosine
+from trainer.ds_config import ConfigConflict, plan_batch, read_ds_config
+from trainer.engine import warmup_cosine
 from trainer.monitor import LossGuard
 from trainer.recipes import PRETRAIN_RECIPES, resolve_recipe
 
@@ -52,8 +53,7 @@ def losses(output):
 
 
 def run(cmd, timeout=300):
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ,
-                                                                                       "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=process_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -83,15 +83,29 @@ def test_one_process_learns_and_writes_everything(shards, tmp_path):
     assert report.source_format == "mae_st" and report.fresh == ["head.weight", "head.bias"]
 
 
+@pytest.fixture(scope="module")
+def reference_losses(shards, tmp_path_factory):
+    """losses(stage): the per-step losses of an uninterrupted 2-process run of 10 steps (made once per stage)."""
+    made = {}
+
+    def of(stage):
+        if stage not in made:
+            folder = tmp_path_factory.mktemp(f"reference{stage}")
+            run(command(2, ds_config(folder, stage), shards, str(folder / "run"), "--max-steps", "10",
+                        "checkpoint_every=2", port=29710 + stage))
+            made[stage] = losses(str(folder / "run"))
+        return made[stage]
+
+    return of
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, stage):
+def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, stage, reference_losses):
     config = ds_config(tmp_path, stage)
-    reference = str(tmp_path / "reference")
-    run(command(2, config, shards, reference, "--max-steps", "10", "checkpoint_every=2", port=29710 + stage))
     killed = str(tmp_path / "killed")
     cmd = command(2, config, shards, killed, "--max-steps", "10", "checkpoint_every=2", port=29720 + stage)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=process_env())
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 180
     while time.time() < deadline and not (os.path.exists(latest) and open(latest).read() >= "step00000004"):
@@ -102,13 +116,68 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, stage)
     resumed_from = open(latest).read()
     text = run(cmd)
     assert f"resumed from {resumed_from}" in text
-    expected, got = losses(reference), losses(killed)
+    expected, got = reference_losses(stage), losses(killed)
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
-    if stage == 3:  # and on one process: through DeepSpeed's universal checkpoint
-        text = run(command(1, config, shards, killed, "--max-steps", "12", "batch_size=2"))
+    if stage == 3:  # and on one process: through DeepSpeed's universal checkpoint, the global batch kept
+        text = run(command(1, config, shards, killed, "--max-steps", "12"))
         assert "universal" in text and "done: 12 steps" in text
+        assert "resuming a run of 2 process(es) x 2 clips x 1 accumulation on 1 x 2 x 2: the same 4 clips per " \
+               "optimizer step" in text
+        assert "loader state saved by 2 rank(s) x 2 clips per batch, now 1 x 2: epoch 5 goes on at batch 0 of 4" in text
+        config_json = json.load(open(os.path.join(killed, "config.json")))
+        assert config_json["clips_per_step"] == 4 and config_json["total_steps"] == json.load(open(os.path.join(
+            killed, "checkpoints", "step00000012", "meta.json")))["total_steps"]
+
+
+def _ranks_under(pid: int) -> dict:
+    """{RANK: pid} of the processes a launcher started (its children's children: deepspeed runs its launch.py)."""
+    parents, ranks = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            if b"RANK" in environ:
+                ranks[int(entry)] = int(environ[b"RANK"])
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under(child: int) -> bool:
+        while child in parents and child != pid:
+            child = parents[child]
+        return child == pid
+
+    return {rank: child for child, rank in ranks.items() if child != pid and under(child)}
+
+
+def test_a_preempted_run_checkpoints_where_all_ranks_agree_and_resumes_with_the_same_losses(shards, tmp_path,
+                                                                                          reference_losses):
+    """SLURM's SIGTERM (or --signal=USR1@120) used to end a run in 2 s with no checkpoint and no word. Here only
+    rank 1 gets it: both ranks learn of it with the next step's numbers, checkpoint that step and exit 75."""
+    out = str(tmp_path / "preempted")
+    cmd = command(2, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=29731)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=process_env())
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 180
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        time.sleep(0.02)
+    os.kill(_ranks_under(proc.pid)[1], signal.SIGTERM)
+    text = proc.communicate(timeout=180)[0]
+    marker = json.load(open(os.path.join(out, "preempted.json")))
+    stopped = marker["step"]
+    assert 3 < stopped < 10 and marker["checkpoint"] == f"step{stopped:08d}", text[-3000:]
+    assert proc.returncode == 75 and "received SIGTERM" in text, text[-3000:]
+    assert f"checkpoint {os.path.join(out, 'checkpoints', marker['checkpoint'])} written; exiting with 75" in text
+    assert open(os.path.join(out, "checkpoints", "latest")).read() == marker["checkpoint"]
+    text = run(cmd)  # the requeued job
+    assert f"resumed from {marker['checkpoint']}" in text and not os.path.exists(os.path.join(out, "preempted.json"))
+    expected, got = reference_losses(2), losses(out)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
 def _nan_at_step_3(self, engine, batch, recipe):
@@ -147,21 +216,39 @@ def test_config_conflicts_are_explained_in_one_message(tmp_path):
                                 "optimizer": {"type": "Adam"}, "fp16": {"enabled": True}, "gradient_clipping": 1.0,
                                 "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigConflict) as err:
-        load_ds_config(str(path), recipe, 8, torch.device("cpu"))
+        read_ds_config(str(path), recipe)
     message = str(err.value)
     for phrase in ("not train_batch_size", "remove the 'optimizer' section", "fp16 is not supported",
-                   "gradient_clipping is 1.0 here but clip_grad is 0.02",
-                   "512 clips per step, this ds_config on 8 per process x 1 accumulation x 8 processes = 64: set "
-                   "gradient_accumulation_steps to 8, or override batch_size=64"):
+                   "gradient_clipping is 1.0 here but clip_grad is 0.02"):
         assert phrase in message, phrase
-    good = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2_bf16.json"), recipe, 64, torch.device("cpu"))
-    assert good["gradient_clipping"] == 0.02
+    good = read_ds_config(os.path.join(ROOT, "ds_configs", "zero2_bf16.json"), recipe)
+    assert good.for_deepspeed(recipe, plan_batch(512, good.micro_batch, 64))["gradient_clipping"] == 0.02
 
 
-def test_shipped_ds_configs_fit_the_recipes():
-    for name, world in (("zero1_bf16", 64), ("zero2_bf16", 64), ("zero3_bf16", 64), ("cpu", 1)):
+def test_the_recipes_global_batch_fits_any_number_of_processes_by_accumulation():
+    """The paper's 512 clips per step from 8 clips per GPU: 64 accumulation steps on one GPU, 8 on one node, 1 on 64
+    GPUs; refused only where the numbers cannot divide, with the choices that would."""
+    for world, accumulation in ((1, 64), (8, 8), (16, 4), (64, 1)):
+        plan = plan_batch(512, 8, world)
+        assert (plan.accumulation, plan.clips_per_step) == (accumulation, 512), world
+    assert plan_batch(None, 4, 2, accumulation=3).clips_per_step == 24  # no recipe batch: the ds_config's
+    with pytest.raises(ConfigConflict) as err:
+        plan_batch(512, 8, 128)  # 16 nodes: half a micro-step each
+    message = str(err.value)
+    assert "512 / (8 x 128) = 0.5 micro-steps" in message
+    assert "train_micro_batch_size_per_gpu 4 (accumulation 1)" in message and "64 processes (accumulation 1)" in message
+    assert "batch_size=1024" in message
+    with pytest.raises(ConfigConflict, match=r"4 processes \(accumulation 3\); 6 processes"):
+        plan_batch(96, 8, 5)  # 96 clips over 5 processes
+
+
+def test_shipped_ds_configs_fit_the_recipes_on_any_world_they_divide():
+    for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu"):
         recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_H_16x4_MAE_PT" if name != "cpu" else "demo_PT", [])
-        load_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json"), recipe, world, torch.device("cpu"))
+        config = read_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json"), recipe)
+        for world in (1, 8, 64):  # one GPU, one node, the paper's 64
+            plan = plan_batch(recipe.batch_size, config.micro_batch, world, config.accumulation)
+            assert plan.clips_per_step == (recipe.batch_size or config.micro_batch * config.accumulation * world)
 
 
 def test_recipe_overrides_and_schedule():
@@ -175,3 +262,63 @@ def test_recipe_overrides_and_schedule():
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=two"])
     assert [round(warmup_cosine(s, 10, 110, 0.0), 3) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["cpu", "zero1_bf16", "zero2_bf16", "zero3_bf16"])
+def test_every_shipped_ds_config_trains_checkpoints_resumes_and_exports(shards, tmp_path, monkeypatch, name):
+    """bf16 + ZeRO-1 + fp32 accumulation is DeepSpeed's BF16_Optimizer, whose checkpoints zero_to_fp32 refuses: the
+    export at the end of a run, and fine-tuning from its folder, failed. Each config, in bf16 where it says so."""
+    from trainer.checkpointing import fp32_weights, read_weights
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "run"
+    args = ["--ds_config", os.path.join(ROOT, "ds_configs", f"{name}.json"), "--recipe", "demo_PT", "--data", shards,
+            "--output", str(out), *TINY, "image_every=0", "checkpoint_every=1", "log_every=0"]
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "1"]) == 0
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "2"]) == 0  # resumed from step 1
+    assert sorted(losses(out)) == [1, 2]
+    export = out / "export" / "mae_st_pretrain.pth"
+    classifier = build_classifier("vit_tiny", num_classes=3, img_size=32, num_frames=4, embed_dim=64)
+    assert load_pretrained(classifier, str(export)).source_format == "mae_st"
+    weights = read_weights(str(out))  # what fine-tuning from the run folder reads
+    assert set(weights) == set(fp32_weights(str(out / "checkpoints"), "step00000002"))
+    if name != "zero3_bf16":  # (ZeRO-3 keeps no whole module to compare with)
+        module = torch.load(out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
+                            weights_only=False)["module"]
+        for key, value in module.items():  # the training copy is the fp32 master weights rounded to its dtype
+            assert torch.equal(weights[key].to(value.dtype), value), key
+
+
+SLOW_CONVERSION = """
+import os, sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))  # a collective may wait 3 s
+from trainer import checkpointing
+from trainer.engine import DistEnv
+
+def slow(source, target):  # ViT-H's universal checkpoint on a network filesystem: longer than that
+    time.sleep(6)
+    os.makedirs(target)
+
+checkpointing.convert_to_universal = slow
+rank = dist.get_rank()
+plan = checkpointing.Checkpointer(sys.argv[1], DistEnv(rank, 2, rank, 2, torch.device("cpu")), 2).resume_plan()
+print("plan", plan.tag, plan.universal)
+"""
+
+
+def test_ranks_wait_for_the_universal_conversion_outside_any_collective(tmp_path):
+    """Rank 0 converts a checkpoint written by another number of processes; the others used to wait in a barrier,
+    which a long conversion outlasts (DeepSpeed's 10-minute timeout): they now wait for the folder to appear."""
+    step = tmp_path / "checkpoints" / "step00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 4, "world_size": 3}))
+    (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_CONVERSION.format(root=ROOT), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=process_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29861))
+             for r in range(2)]
+    for out, err in (p.communicate(timeout=60) for p in procs):
+        assert "plan step00000004_universal True" in out, err[-2000:]

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_shards
+from conftest import make_shards, process_env
 from trainer import host_readback, pretrain
 from trainer.build_locks import remove_stale_build_locks
 from trainer.run import prepare
@@ -126,7 +126,48 @@ def test_a_start_after_one_killed_while_building_neither_hangs_nor_builds(shards
         [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config", ds_config(tmp_path), "--recipe",
          "demo_PT", "--data", shards, "--output", str(tmp_path / "run"), *TINY, "--max-steps", "2"],
         capture_output=True, text=True, timeout=240,
-        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"})
+        env=process_env(TORCH_EXTENSIONS_DIR=extensions))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "removed a stale build lock" in result.stdout + result.stderr
     assert os.listdir(extensions / "deepspeed_shm_comm") == []  # nothing was built
+
+
+def test_the_shipped_zero2_config_reads_the_host_once_per_step_not_three_times(monkeypatch):
+    """In DeepSpeed 0.19.8 bf16's check_grad_overflow defaults to true: ZeRO-2 then tests every gradient for inf/NaN,
+    all-reduces the verdict and reads it (`.item()`) each step, besides its test of the norm while clipping. The
+    shipped configs turn it off (the loss guard stops on a non-finite loss or gradient norm instead)."""
+    import json
+
+    import deepspeed
+
+    from trainer.engine import init_distributed
+
+    init_distributed()
+    shipped = json.load(open(os.path.join(ROOT, "ds_configs", "zero2_bf16.json")))
+    assert shipped["bf16"]["check_grad_overflow"] is False
+    counted = {"reads": 0}
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("deepspeed"):
+                counted["reads"] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def reads_per_step(check: bool) -> int:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
+        config = {**shipped, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.02,
+                  "zero_allow_untested_optimizer": True, "bf16": {"enabled": True, "check_grad_overflow": check}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+        x = torch.randn(2, 8, dtype=torch.bfloat16)
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+        counted["reads"] = 0
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+        return counted["reads"]
+
+    assert reads_per_step(check=False) == 1  # the norm's test while clipping (stage_1_and_2.py)
+    assert reads_per_step(check=True) == 3

@@ -9,6 +9,7 @@ Starting again in the same RUN_DIR resumes from `latest`. On another number of p
 checkpoint format is made from it first (deepspeed.checkpoint.ds_to_universal) and loaded instead.
 """
 
+import glob
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +62,7 @@ class Checkpointer:
     def __init__(self, run_dir: str, env, keep: int):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.env, self.keep = env, keep
+        self.run_facts = {}  # what every checkpoint's meta.json records of the run (its global batch, schedule)
         os.makedirs(self.dir, exist_ok=True)
 
     def latest(self) -> str | None:
@@ -69,9 +72,19 @@ class Checkpointer:
         with open(path) as f:
             return f.read().strip()
 
+    def saved_run(self) -> dict | None:
+        """The meta.json of the checkpoint a start resumes from (its step, world size, ZeRO stage and the run's
+        facts), or None for a fresh run."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        with open(os.path.join(self.dir, tag, "meta.json")) as f:
+            return json.load(f)
+
     def resume_plan(self) -> "ResumePlan | None":
         """What to resume from (None: a fresh run). A checkpoint written by another number of processes is converted
-        to DeepSpeed's universal format first (rank 0 converts, everyone waits)."""
+        to DeepSpeed's universal format first: rank 0 converts while the others wait for the folder to appear, not in
+        a collective (converting ViT-L/H on a network filesystem can outlast a collective's timeout)."""
         tag = self.latest()
         if tag is None:
             return None
@@ -80,18 +93,25 @@ class Checkpointer:
         if meta["world_size"] == self.env.world_size:
             return ResumePlan(tag, universal=False)
         universal = f"{tag}_universal"
+        target = os.path.join(self.dir, universal)
         log.warning("%s was written by %d processes, this run has %d: loading it through DeepSpeed's universal "
                     "checkpoint format (%s)", tag, meta["world_size"], self.env.world_size, universal)
-        if self.env.is_main and not os.path.isdir(os.path.join(self.dir, universal)):
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                       os.path.join(self.dir, tag), "--output_folder", os.path.join(self.dir, universal),
-                       "--inject_missing_state"]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"converting {tag} to a universal checkpoint failed; resume with {meta['world_size']} processes, "
-                    f"or run by hand: {' '.join(command)}\n{result.stderr[-2000:]}")
-        dist.barrier()
+        if self.env.is_main:  # what a killed or failed conversion left
+            for stale in (f"{target}.partial", f"{target}.failed"):
+                if os.path.isdir(stale):
+                    shutil.rmtree(stale)
+                elif os.path.exists(stale):
+                    os.remove(stale)
+        if self.env.world_size > 1:
+            dist.barrier()  # (before the conversion: nobody sees a stale marker)
+        if self.env.is_main and not os.path.isdir(target):
+            try:
+                convert_to_universal(os.path.join(self.dir, tag), target)
+            except RuntimeError as err:
+                atomic_write_text(f"{target}.failed", str(err))
+                raise
+        else:
+            _wait_for(target, f"{target}.failed", f"rank 0 converting {tag} to {universal}")
         return ResumePlan(universal, universal=True)
 
     def resume(self, engine, plan: "ResumePlan", loader) -> int:
@@ -112,7 +132,7 @@ class Checkpointer:
         else:  # another layout of processes: the epoch restarts, each rank reseeds
             first = torch.load(os.path.join(self.dir, source, "rank00000.pt"), weights_only=False)
             loader.load_state_dict(first["loader"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, loader.epoch, loader.position)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, loader.epoch, loader.cursor.position)
         return step
 
     def save(self, engine, step: int, loader) -> str:
@@ -126,8 +146,8 @@ class Checkpointer:
         dist.barrier()
         if self.env.is_main:
             stage = engine.zero_optimization_stage()
-            atomic_write_text(os.path.join(folder, "meta.json"),
-                          json.dumps({"step": step, "world_size": self.env.world_size, "zero_stage": stage}))
+            atomic_write_text(os.path.join(folder, "meta.json"), json.dumps(
+                {"step": step, "world_size": self.env.world_size, "zero_stage": stage, **self.run_facts}))
             atomic_write_text(os.path.join(self.dir, "latest"), tag)
             self._prune(keep=tag)
         dist.barrier()
@@ -143,10 +163,65 @@ class Checkpointer:
 
     def export_mae_st(self, tag: str, path: str, epoch: float) -> None:
         """fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards, in mae_st's format (rank 0 only)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        write_checkpoint(from_ours(fp32_weights(self.dir, tag), "mae_st"), path, "mae_st", epoch=epoch)
 
-        state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
-        write_checkpoint(from_ours(state, "mae_st"), path, "mae_st", epoch=epoch)
+
+def fp32_weights(checkpoints: str, tag: str | None = None) -> dict:
+    """The whole fp32 master weights of DeepSpeed checkpoint `tag` (default: `latest`) in the folder `checkpoints`.
+
+    DeepSpeed's zero_to_fp32 reads ZeRO-1/2/3 checkpoints, but refuses those of its BF16_Optimizer, which it uses for
+    bf16 with ZeRO-1 and fp32 gradient accumulation (ds_configs/zero1_bf16.json): their optimizer state records no
+    zero_stage ("... is not a zero checkpoint"). Their fp32 master weights are flat partitions laid out as ZeRO-1/2's
+    (each group's parameters concatenated in order, padded at the end, cut into equal parts by rank), read here."""
+    if tag is None:
+        with open(os.path.join(checkpoints, "latest")) as f:
+            tag = f.read().strip()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoints, tag=tag)
+    except ValueError as err:
+        if "is not a zero checkpoint" not in str(err):
+            raise
+    folder = os.path.join(checkpoints, tag)
+    by_rank = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")),
+                     key=lambda path: int(re.search(r"pp_rank_(\d+)_", path)[1]))
+    partitions = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                  ["single_partition_of_fp32_groups"] for path in by_rank]
+    model = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    state = {}
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat, offset = torch.cat([parts[group] for parts in partitions]), 0
+        for name, shape in shapes.items():
+            state[name] = flat.narrow(0, offset, shape.numel()).view(shape).clone()
+            offset += shape.numel()
+    return state
+
+
+def convert_to_universal(source: str, target: str) -> None:
+    """DeepSpeed's universal checkpoint of the checkpoint folder `source`, made in `target`.partial and renamed to
+    `target` when whole."""
+    partial = f"{target}.partial"
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+               "--output_folder", partial, "--inject_missing_state"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {source} to a universal checkpoint failed; resume with the number of "
+                           f"processes that wrote it, or run by hand: {' '.join(command)}\n{result.stderr[-2000:]}")
+    os.replace(partial, target)
+
+
+def _wait_for(done: str, failed: str, what: str, poll: float = 1.0) -> None:
+    """Wait (outside any collective) until the folder `done` or the file `failed` appears."""
+    start = last_note = time.monotonic()
+    while not os.path.isdir(done):
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"{what} failed: {f.read()}")
+        if time.monotonic() - last_note > 60:
+            log.info("still waiting for %s (%.0f s)", what, time.monotonic() - start)
+            last_note = time.monotonic()
+        time.sleep(poll)
 
 
 def write_checkpoint(state, path: str, fmt: str, **extra) -> None:
@@ -160,15 +235,13 @@ def read_weights(source):
     folder or one DeepSpeed checkpoint folder as the fp32 weights consolidated from ZeRO's shards."""
     if not (isinstance(source, (str, os.PathLike)) and os.path.isdir(source)):
         return source
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     folder = str(source)
     if os.path.isdir(os.path.join(folder, "checkpoints")):
         folder = os.path.join(folder, "checkpoints")
     if os.path.exists(os.path.join(folder, "latest")):
-        return get_fp32_state_dict_from_zero_checkpoint(folder)
+        return fp32_weights(folder)
     parent, tag = os.path.split(os.path.normpath(folder))
     if not os.path.exists(os.path.join(folder, "mp_rank_00_model_states.pt")):
         raise ValueError(f"{folder} is a folder but not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt, "
                          "no latest, no checkpoints/)")
-    return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    return fp32_weights(parent, tag)

@@ -2,25 +2,59 @@
 
 Recomputing costs about a third more compute (the forward runs twice); it is worth it only when the activations
 would not fit. `model.grad_checkpointing=True/False` in the recipe decides by hand; otherwise the analytic estimate
-(models/memory.py) is held against this GPU's memory, less a reserve for the CUDA context, DALI's decode buffers and
-the allocator's fragmentation. At the recipes' batches an 80 GB GPU needs neither recomputing nor ZeRO-3, even for
-ViT-H (README, "Memory"). On a CPU nothing is recomputed.
+(models/memory.py) plus what the GPU holds beside the model (runtime_reserve: the CUDA context, NCCL's buffers,
+DeepSpeed's buckets, DALI's decode and view buffers, the loader's batches) is held against this GPU's memory, less
+the caching allocator's fragmentation. At the recipes' batches an 80 GB GPU needs neither recomputing nor ZeRO-3,
+even for ViT-H (README, "Memory"). On a CPU nothing is recomputed.
 """
+
+import os
+from dataclasses import replace
 
 import torch
 
-from models.config import with_options
 from models.memory import GB, training_memory
 
-RESERVE_BYTES = 6 * GB  # CUDA context, NCCL buffers, DALI's decoders and pinned buffers
-USABLE_SHARE = 0.9  # of what is left: the caching allocator's fragmentation
+USABLE_SHARE = 0.9  # of what is left after the reserve: the caching allocator's fragmentation
+CUDA_CONTEXT = 1.0 * GB  # CUDA context, cuBLAS/cuDNN workspaces (an assumption: 0.5-1 GB per process is typical)
+NCCL_CHANNELS = 32  # an upper bound: NCCL uses up to 32 channels on NVLink/NVSwitch nodes
+NCCL_BUFFSIZE = 4 * 2**20  # NCCL's default buffer per channel, direction and peer ($NCCL_BUFFSIZE changes it)
+DECODE_LANES = 4  # views pipelines taking turns on a GPU (dali_pipes/pipeline_pool.py NVDEC_PIPELINES)
+FRAME_PIXELS = 256 * 341  # a stored frame, when the manifest does not say (Kinetics at a 256 short side)
 
 
-def estimate(cfg, recipe, ds_config: dict, world_size: int, views: int, recompute: bool):
-    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-    return training_memory(cfg, ds_config["train_micro_batch_size_per_gpu"], views, world_size=world_size,
-                           zero_stage=zero, bf16=ds_config.get("bf16", {}).get("enabled", False),
-                           accumulation=ds_config.get("gradient_accumulation_steps", 1),
+def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = None) -> dict:
+    """Bytes one GPU holds beside the model's state and activations, by what holds them (estimates: the preflight
+    measures the real peak on a GPU)."""
+    value_bytes = 2 if ds.bf16 else 4
+    clips, frames = batch.micro_batch, recipe.num_frames * (views if recipe.per_view_start else 1)
+    stored = frames * (frame_pixels or FRAME_PIXELS) * 3  # uint8 RGB frames of one decoded clip
+    view_values = views * 3 * recipe.num_frames * recipe.crop_size ** 2  # one clip's views
+    lanes = recipe.decode_pipelines or DECODE_LANES
+    reserve = {"cuda_context": CUDA_CONTEXT,
+               # per lane, two batches' decoded frames and views (the one being made, the one being copied)
+               "dali": lanes * 2 * clips * (stored + view_values * value_bytes),
+               "loader_batches": 2 * clips * view_values * value_bytes}  # the batch assembler's two output buffers
+    if batch.world_size > 1:  # each channel, each direction, both ring neighbours
+        buffsize = int(os.environ.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE))
+        reserve["nccl"] = NCCL_CHANNELS * 2 * 2 * buffsize
+    if ds.zero_stage in (1, 2):  # the gradient reduce buckets (two with overlap_comm), the parameter all-gather
+        reserve["deepspeed_buckets"] = (ds.bucket("reduce_bucket_size") * value_bytes
+                                        * (2 if ds.zero.get("overlap_comm") else 1)
+                                        + ds.bucket("allgather_bucket_size") * value_bytes)
+    elif ds.zero_stage == 3:  # the reduce bucket, the prefetch bucket and the parameters gathered at once
+        reserve["deepspeed_buckets"] = (ds.bucket("reduce_bucket_size") + ds.bucket("stage3_prefetch_bucket_size")
+                                        ) * value_bytes
+    return reserve
+
+
+def describe_reserve(reserve: dict) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {value / GB:.2f}" for name, value in reserve.items())
+
+
+def estimate(cfg, recipe, ds, batch, views: int, recompute: bool):
+    return training_memory(cfg, batch.micro_batch, views, world_size=batch.world_size, zero_stage=ds.zero_stage,
+                           bf16=ds.bf16, accumulation=batch.accumulation,
                            mask_ratio=getattr(recipe, "mask_ratio", 0.0),
                            mask_repeats=getattr(recipe, "mask_repeats", 1), recompute=recompute)
 
@@ -30,23 +64,24 @@ def device_capacity(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def plan_recompute(cfg, recipe, ds_config: dict, world_size: int, views: int, capacity: int | None):
+def plan_recompute(cfg, recipe, ds, batch, views: int, capacity: int | None, frame_pixels: int | None = None):
     """(the model config with grad_checkpointing decided, one line saying what was decided and why), for a GPU of
     `capacity` bytes (None: the CPU)."""
-    dense, sparse = (estimate(cfg, recipe, ds_config, world_size, views, r) for r in (False, True))
+    dense, sparse = (estimate(cfg, recipe, ds, batch, views, r) for r in (False, True))
     if "grad_checkpointing" in recipe.model_options:
         chosen = recipe.model_options["grad_checkpointing"]
         return cfg, f"estimate {(sparse if chosen else dense).describe()} per process; recompute set by the recipe"
     if capacity is None:
-        return with_options(cfg, grad_checkpointing=False), f"estimate {dense.describe()} per process (host memory)"
-    budget = (capacity - RESERVE_BYTES) * USABLE_SHARE
-    where = f"{capacity / GB:.0f} GB GPU, {budget / GB:.0f} GB usable"
+        return replace(cfg, grad_checkpointing=False), f"estimate {dense.describe()} per process (host memory)"
+    reserve = runtime_reserve(recipe, ds, batch, views, frame_pixels)
+    budget = (capacity - sum(reserve.values())) * USABLE_SHARE
+    where = (f"{capacity / GB:.0f} GB GPU, {budget / GB:.0f} GB usable (besides {sum(reserve.values()) / GB:.1f} GB: "
+             f"{describe_reserve(reserve)})")
     if dense.total <= budget:
-        return (with_options(cfg, grad_checkpointing=False),
-                f"estimate {dense.describe()}; fits the {where}: no recompute")
+        return replace(cfg, grad_checkpointing=False), f"estimate {dense.describe()}; fits the {where}: no recompute"
     if sparse.total <= budget:
-        return with_options(cfg, grad_checkpointing=True), (
+        return replace(cfg, grad_checkpointing=True), (
             f"estimate {dense.describe()} does not fit the {where}; recomputing blocks: {sparse.describe()}")
     raise ValueError(f"the model needs about {sparse.total / GB:.0f} GB per GPU even recomputing its blocks "
-                     f"({sparse.describe()}), more than the {where}: lower train_micro_batch_size_per_gpu (and raise "
-                     "gradient_accumulation_steps), or use ZeRO-3 (ds_configs/zero3_bf16.json)")
+                     f"({sparse.describe()}), more than the {where}: lower train_micro_batch_size_per_gpu (the "
+                     "accumulation follows), or use ZeRO-3 (ds_configs/zero3_bf16.json)")

@@ -14,15 +14,18 @@ from tqdm import tqdm
 
 class LossGuard:
     """SlowFast's rule: stop on a non-finite loss, or one above `factor` x the mean of the previous 5 (no such
-    check when factor is None)."""
+    check when factor is None); and on a non-finite gradient norm (a step DeepSpeed took, or skipped, with NaN or
+    inf gradients: the shipped bf16 configs leave DeepSpeed's own overflow check off)."""
 
     def __init__(self, factor: float | None = 2.0, window: int = 5):
         self.history, self.factor = deque(maxlen=window), factor
 
-    def check(self, loss: float) -> str | None:
-        """None if the loss is fine, else why it is not."""
+    def check(self, loss: float, grad_norm: float = 0.0) -> str | None:
+        """None if the loss and the gradient norm are fine, else why they are not."""
         if not math.isfinite(loss):
             return f"the loss is {loss}"
+        if not math.isfinite(grad_norm):
+            return f"the gradient norm is {grad_norm}"
         if self.factor and len(self.history) == self.history.maxlen:
             mean = sum(self.history) / len(self.history)
             if loss > self.factor * mean:

@@ -22,15 +22,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dali_pipes.shard_format import read_manifest
 from dali_pipes import VideoLoader
+from dali_pipes.shard_format import read_manifest
+from models.attention import cpu_has_native_bf16
 from trainer.checkpointing import Checkpointer
 from trainer.data import loader_config
 from trainer.device_peak import device_peak_flops
-from trainer.engine import ConfigConflict, build_engine, init_distributed, load_ds_config
+from trainer.ds_config import plan_batch, read_ds_config
+from trainer.engine import build_engine, init_distributed
 from trainer.host_readback import HostReadback
 from trainer.memory_plan import device_capacity, plan_recompute
 from trainer.monitor import LossGuard, Monitor
+from trainer.preemption import EXIT_PREEMPTED, MARKER, PreemptionSignal
 from trainer.recipes import check_recipe, resolve_recipe
 from trainer.run_folder import NotShared, check_shared
 from trainer.versions import VersionProblem, require_versions
@@ -95,14 +98,17 @@ class _Step:
     """An optimizer step whose loss is still on its way to the host (accounted for one step later)."""
 
     step: int
-    readback: HostReadback  # [mean loss over its micro-batches, skipped videos], summed over ranks
+    # summed over ranks: [mean loss over its micro-batches, skipped videos, gradient norm, ranks told to stop]
+    readback: HostReadback
     lr: float
     elapsed: float  # seconds since the previous step ended
     wait: float  # of them, waiting for the loader
-    logged: bool  # a log_every step: TensorBoard scalars, and the gradient norm is read
-    grad_norm: object  # DeepSpeed's (a float or a device scalar) on logged steps
+    logged: bool  # a log_every step: TensorBoard scalars
     batch: dict | None = None  # kept only when the task wants them (pictures)
     outputs: object = None
+
+
+PREEMPTED = "preempted"  # what run_steps returns when a signal stopped it (after checkpointing)
 
 
 class Run:
@@ -111,29 +117,52 @@ class Run:
     def __init__(self, task: Task, args: argparse.Namespace, recipe, model_cfg, quiet: bool = False):
         """quiet: warnings only, no progress bar (for tools that run a few steps, like the preflight)."""
         self.task, self.args, self.recipe = task, args, recipe
+        self.preemption = PreemptionSignal()  # from the start: a signal during set-up stops at the first step
         self.env = init_distributed()
         self.run_dir = args.output
         os.makedirs(self.run_dir, exist_ok=True)
         _setup_logging(self.run_dir, self.env.is_main and not quiet)
         check_shared(self.run_dir, self.env.rank, self.env.world_size)
-        ds_config = load_ds_config(args.ds_config, recipe, self.env.world_size, self.env.device)
-        self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        self.accum = ds_config.get("gradient_accumulation_steps", 1)
-        self.clips_per_step = self.micro * self.accum * self.env.world_size
+        marker = os.path.join(self.run_dir, MARKER)
+        if self.env.is_main and os.path.exists(marker):  # (for the requeue script of the job that stopped)
+            with open(marker) as f:
+                log.info("starting again after a stop signal at step %d", json.load(f)["step"])
+            os.remove(marker)
+        self.checkpointer = Checkpointer(self.run_dir, self.env, recipe.keep_checkpoints)
+        saved = self.checkpointer.saved_run()  # what the checkpoint to resume from says about its run (or None)
+        ds_config = read_ds_config(args.ds_config, recipe)
+        # the global batch: the recipe's, else the one the run was started with (kept on another number of processes)
+        self.batch = plan_batch(recipe.batch_size or (saved or {}).get("clips_per_step"), ds_config.micro_batch,
+                                self.env.world_size, ds_config.accumulation)
+        self.micro, self.accum, self.clips_per_step = (self.batch.micro_batch, self.batch.accumulation,
+                                                       self.batch.clips_per_step)
         self.lr = recipe.blr * self.clips_per_step / 256
-        self.dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-        model_cfg, self.memory_note = plan_recompute(model_cfg, recipe, ds_config, self.env.world_size,
-                                                     task.views_per_clip(recipe), device_capacity(self.env.device))
+        self.dtype = ds_config.dtype
+        if ds_config.bf16 and self.env.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("bf16 on a CPU without AVX512-BF16/AMX runs matmuls ~100x slower than fp32 (measured 1 vs "
+                        "166 GFLOP/s): ds_configs/cpu.json trains in fp32")
+        pixels = read_manifest(args.data)["splits"].get(recipe.split, {}).get("pixels_median")
+        model_cfg, self.memory_note = plan_recompute(model_cfg, recipe, ds_config, self.batch,
+                                                     task.views_per_clip(recipe), device_capacity(self.env.device),
+                                                     pixels)
         _seed_everything(recipe.seed + self.env.rank)
 
         self.loader = VideoLoader(loader_config(recipe, args.data, self.env, self.micro, self.dtype))
         self.model = task.build_model(recipe, model_cfg, self.env)
         self.steps_per_epoch = len(self.loader) / self.accum
-        self.total_steps = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
-        warmup = recipe.warmup_epochs * self.steps_per_epoch
-        self.checkpointer = Checkpointer(self.run_dir, self.env, recipe.keep_checkpoints)
+        if saved and "total_steps" in saved:  # the schedule the run began with: a step means the same thing
+            self.total_steps, warmup = saved["total_steps"], saved["warmup_steps"]
+        else:
+            self.total_steps = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
+            warmup = recipe.warmup_epochs * self.steps_per_epoch
+        self._note_resume_layout(saved)
+        self.checkpointer.run_facts = {"clips_per_step": self.clips_per_step, "micro_batch": self.micro,
+                                       "accumulation": self.accum, "total_steps": self.total_steps,
+                                       "warmup_steps": warmup}
         resume = self.checkpointer.resume_plan()
-        self.ds_config = resume.adjust(ds_config) if resume else ds_config
+        self.ds_config = ds_config.for_deepspeed(recipe, self.batch)
+        if resume:
+            self.ds_config = resume.adjust(self.ds_config)
         self.engine = build_engine(self.model, recipe, self.ds_config, self.lr, self.total_steps, warmup,
                                    task.lr_scale_of(self.model, recipe))
         peak, peak_source = device_peak_flops(self.env.device, self.dtype)
@@ -146,6 +175,17 @@ class Run:
         self._stream = _endless(self.loader)
         self._describe(peak, peak_source)
 
+    def _note_resume_layout(self, saved: dict | None) -> None:
+        """Say what changed when the run resumes on another layout of processes (the global batch did not)."""
+        if not saved or not self.env.is_main or "micro_batch" not in saved:
+            return
+        before = (saved["world_size"], saved["micro_batch"], saved["accumulation"])
+        now = (self.env.world_size, self.micro, self.accum)
+        if before != now:
+            log.warning("resuming a run of %d process(es) x %d clips x %d accumulation on %d x %d x %d: the same %d "
+                        "clips per optimizer step, lr and schedule (%d steps); the loader goes on with the epoch in a "
+                        "fresh order", *before, *now, self.clips_per_step, self.total_steps)
+
     def _describe(self, peak: float, peak_source: str) -> None:
         """Print and save the resolved configuration."""
         from models.attention import describe_attention
@@ -155,15 +195,15 @@ class Run:
                     "dtype": str(self.dtype), "clips_per_step": self.clips_per_step, "lr": self.lr,
                     "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                     "stop_at": self.stop_at, "model": asdict(self.model.cfg),
-                    "loader_decoder": self.loader.decoder.name, "memory": self.memory_note, "peak_flops": peak}
+                    "loader_decoder": self.loader.route.name, "memory": self.memory_note, "peak_flops": peak}
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(resolved, f, indent=1, default=str)
             log.info("resolved configuration (saved to %s):\n%s", os.path.join(self.run_dir, "config.json"),
                      json.dumps(resolved, indent=1, default=str))
-            log.info("%d processes x %d clips x %d accumulation = %d clips per step; lr %.3g; %d steps "
-                     "(%.1f per epoch); starting at step %d", self.env.world_size, self.micro, self.accum,
-                     self.clips_per_step, self.lr, self.total_steps, self.steps_per_epoch, self.step)
+            log.info("%s (started by %s); lr %.3g; %d steps (%.1f per epoch); starting at step %d",
+                     self.batch.describe(), self.env.launcher, self.lr, self.total_steps, self.steps_per_epoch,
+                     self.step)
             log.info("memory: %s", self.memory_note)
             log.info("%s; MFU against %.3g FLOP/s (%s)", describe_attention(self.model.cfg, self.env.device,
                      self.dtype), peak, peak_source)
@@ -171,6 +211,8 @@ class Run:
     def train(self) -> int:
         """Train to the end (or --max-steps), checkpoint, finish; returns the process exit code."""
         problem = self.run_steps(self.stop_at) if self.task.trains else None
+        if problem == PREEMPTED:
+            return self._preempted()
         if problem:
             return self._stop(problem)
         tag = self.checkpointer.latest()
@@ -186,14 +228,33 @@ class Run:
             print("\n".join(lines + summary), flush=True)
         return 0
 
-    def run_steps(self, stop_at: int) -> str | None:
-        """Optimizer steps until `stop_at`; returns why the loss guard stopped the run, or None.
+    def _preempted(self) -> int:
+        """After the checkpoint a stop signal asked for: say so, leave the marker for requeue scripts, exit 75."""
+        tag = self.checkpointer.latest()
+        if self.env.is_main:
+            with open(os.path.join(self.run_dir, MARKER), "w") as f:
+                json.dump({"step": self.step, "checkpoint": tag, "signal": self.preemption.received or "another rank's",
+                           "time": time.time()}, f)
+            log.warning("stopped by %s at step %d: checkpoint %s written; exiting with %d. The same command resumes "
+                        "from it (a requeued job does)", self.preemption.received or "another rank's signal",
+                        self.step, os.path.join(self.checkpointer.dir, tag), EXIT_PREEMPTED)
+        self.close()
+        return EXIT_PREEMPTED
 
-        The host never waits for the device inside this loop but where noted: each step's loss reaches the host one
-        step later (HostReadback), where the guard checks it and the monitor logs it, so a NaN is caught at the
-        next step or, at the latest, before a checkpoint is written. What remains synchronous, and why:
-        - DeepSpeed's ZeRO-1/2 step reads the global gradient norm on the host to clip it (stage_1_and_2.py,
-          `.item()` once per optimizer step, not per micro-step): clipping needs it; ours is read only when logged.
+    def run_steps(self, stop_at: int) -> str | None:
+        """Optimizer steps until `stop_at`; returns why the guard stopped the run, PREEMPTED after the checkpoint a
+        stop signal asked for, or None.
+
+        The host never waits for the device inside this loop but where noted: each step's loss, gradient norm and
+        stop requests reach the host one step later (HostReadback), where the guard checks them, the monitor logs
+        them and all ranks learn of a signal any rank got, so a NaN is caught at the next step or, at the latest,
+        before a checkpoint is written. What remains synchronous, and why (DeepSpeed 0.19.8, bf16):
+        - ZeRO-2 with check_grad_overflow off (ds_configs/zero2_bf16.json): one read per optimizer step, the
+          non-finite test of the gradient norm while clipping (stage_1_and_2.py unscale_and_clip_grads). With the
+          check on it adds a pass over every gradient, an all-reduce and an `.item()` (check_overflow): off in the
+          shipped configs, since the guard here stops on a non-finite loss or gradient norm.
+        - ZeRO-1 with bf16 and fp32 accumulation (DeepSpeed's BF16_Optimizer) and ZeRO-3: the same test of the norm
+          each step (bf16_optimizer.py step, stage3.py step), whatever check_grad_overflow says.
         - a checkpoint, an evaluation and a picture read their tensors: every checkpoint_every / eval_every /
           image_every steps.
         - ZeRO's gradient reduction is a collective each optimizer step: it is the step."""
@@ -212,45 +273,60 @@ class Run:
             if self.engine.global_steps == self.step:  # inside a gradient accumulation
                 continue
             self.step = self.engine.global_steps
-            skipped = _to_device(float(self.loader.skipped), device)
-            logged = _due(self.step, recipe.log_every)
+            counters = _to_device([float(self.loader.skipped), float(self.preemption.requested)], device)
+            values = torch.cat([(loss_sum / self.accum).view(1), _grad_norm(self.engine, device).view(1), counters])
             now = time.perf_counter()
-            current = _Step(self.step, HostReadback(torch.stack([loss_sum / self.accum, skipped])),
-                            self.engine.get_lr()[0], now - last_end, wait, logged,
-                            self.engine.get_global_grad_norm() if logged else None)
+            current = _Step(self.step, HostReadback(values), self.engine.get_lr()[0], now - last_end, wait,
+                            _due(self.step, recipe.log_every))
             last_end, wait = now, 0.0
             if self.task.wants_outputs(self.step, self):
                 current.batch, current.outputs = batch, outputs
-            loss_sum.zero_()  # (the stack above copied it)
-            problem = self._account(pending, guard) if pending else None
+            loss_sum.zero_()  # (the cat above copied it)
+            problem, stop = self._account(pending, guard) if pending else (None, False)
             pending = current
             if problem:
                 return problem
+            if stop:  # a rank got a stop signal: every rank learns it here, at the same step
+                problem, pending = self._account(pending, guard)[0], None
+                if problem:
+                    return problem
+                self.checkpointer.save(self.engine, self.step, self.loader)
+                return PREEMPTED
             if self.loader.epoch != epoch:
                 epoch = self.loader.epoch
                 self.task.after_epoch(self, epoch)
             if _due(self.step, recipe.checkpoint_every) and self.step < stop_at:
-                problem, pending = self._account(pending, guard), None  # never checkpoint a bad step
+                (problem, stop), pending = self._account(pending, guard), None  # never checkpoint a bad step
                 if problem:
                     return problem
                 self.checkpointer.save(self.engine, self.step, self.loader)
-        return self._account(pending, guard) if pending else None
-
-    def _account(self, done: _Step, guard: LossGuard) -> str | None:
-        """The guard and the monitor for a step whose numbers have reached the host."""
-        total_loss, skipped = done.readback.result()
-        mean_loss = total_loss / self.env.world_size
-        problem = guard.check(mean_loss)
-        if problem:
-            return f"stopping at step {done.step}: {problem}"
-        norm = None if done.grad_norm is None else float(done.grad_norm)
-        self.monitor.step(done.step, mean_loss, done.lr, norm, int(skipped), done.logged, done.elapsed, done.wait)
-        self.task.after_step(self, done.step, done.batch, done.outputs)
+                if stop:
+                    return PREEMPTED
+        if pending:
+            problem, stop = self._account(pending, guard)
+            if not problem and stop and self.step < self.stop_at:
+                self.checkpointer.save(self.engine, self.step, self.loader)
+                return PREEMPTED
+            return problem
         return None
+
+    def _account(self, done: _Step, guard: LossGuard) -> tuple[str | None, bool]:
+        """The guard and the monitor for a step whose numbers have reached the host: (why the guard stops the run,
+        or None; whether some rank was told to stop)."""
+        total_loss, grad_norm, skipped, stops = done.readback.result()
+        mean_loss, grad_norm = total_loss / self.env.world_size, grad_norm / self.env.world_size
+        problem = guard.check(mean_loss, grad_norm)
+        if problem:
+            return f"stopping at step {done.step}: {problem}", False
+        self.monitor.step(done.step, mean_loss, done.lr, grad_norm if done.logged else None, int(skipped),
+                          done.logged, done.elapsed, done.wait)
+        self.task.after_step(self, done.step, done.batch, done.outputs)
+        return None, stops > 0
 
     def close(self) -> None:
         self.monitor.close()
         self.loader.close()
+        self.preemption.restore()
 
     def _stop(self, problem: str) -> int:
         latest = self.checkpointer.latest()
@@ -269,10 +345,19 @@ def _due(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def _to_device(value: float, device: torch.device) -> torch.Tensor:
-    """A host number as a device scalar without a synchronous copy (from pinned memory on CUDA)."""
-    host = torch.tensor(value, pin_memory=device.type == "cuda")
+def _to_device(values, device: torch.device) -> torch.Tensor:
+    """Host numbers as a float32 device tensor without a synchronous copy (from pinned memory on CUDA)."""
+    host = torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+def _grad_norm(engine, device: torch.device) -> torch.Tensor:
+    """DeepSpeed's global gradient norm of the last step as a float32 device scalar, without reading it (a device
+    tensor; a Python float where DeepSpeed skipped a non-finite step)."""
+    norm = engine.get_global_grad_norm()
+    if torch.is_tensor(norm):
+        return norm.detach().float().reshape(())
+    return _to_device(0.0 if norm is None else norm, device)  # (None: DeepSpeed computed none)
 
 
 def _endless(loader):
@@ -336,7 +421,7 @@ def main(task_type: type[Task], argv=None) -> int:
     try:
         task, args, recipe, model_cfg = prepare(task_type, argv)
         run = Run(task, args, recipe, model_cfg)
-    except (ConfigConflict, ValueError, TypeError, FileNotFoundError, VersionProblem, NotShared) as err:
+    except (ValueError, TypeError, FileNotFoundError, VersionProblem, NotShared) as err:  # ConfigConflict too
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run.train()
