@@ -316,3 +316,37 @@ def test_limit_seed_and_fixed_class_list(tmp_path):
     classes.write_text("zumba\n")
     with pytest.raises(SystemExit, match="labels not in"):
         build_shards.main(["--root", str(videos), "--out", str(tmp_path / "o3"), "--classes", str(classes)])
+
+
+def test_splits_built_one_at_a_time_share_one_set(tmp_path):
+    """Train, then val into the same --out (the README's way): the second build rewrote manifest.json with only its
+    own split, and fine-tuning stopped with "has no 'train' split". Later builds now add their splits, with the
+    set's label map, and a map that contradicts it is refused with the reason."""
+    csv_path, videos = kinetics_folder(tmp_path, per_class=2)
+    out = tmp_path / "shards"
+    assert build_shards.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out), "--split",
+                              "train"]) == 0
+    train_map = read_manifest(str(out))["label_map"]
+    root = tmp_path / "val_root"  # the val clips as class folders, one class short: its own sorted map would differ
+    for label in ("zumba", "juggling balls"):
+        os.makedirs(root / label)
+        write_video(root / label / "clip.mp4", 30, seed=len(label))
+    assert build_shards.main(["--root", str(root), "--out", str(out), "--split", "val"]) == 0
+    manifest = read_manifest(str(out))
+    assert set(manifest["splits"]) == {"train", "val"} and manifest["label_map"] == train_map
+    assert manifest["splits"]["train"]["samples"] == 3 and manifest["splits"]["val"]["samples"] == 2
+    labels = sorted(json.loads(s["json"])["label"] for s in wds.WebDataset(str(out / "val-000000.tar"),
+                                                                          shardshuffle=False))
+    assert labels == sorted(train_map[c] for c in ("zumba", "juggling balls"))
+    from dali_pipes.shard_set import open_shard_set
+
+    assert open_shard_set(str(out), "train").num_samples == 3 and open_shard_set(str(out), "val").num_samples == 2
+    classes = tmp_path / "classes.txt"
+    classes.write_text("zumba\njuggling balls\nabseiling\n")  # another order: another label for each class
+    with pytest.raises(SystemExit, match="label map differs from the one of the set .* leave out --classes"):
+        build_shards.main(["--root", str(root), "--out", str(out), "--split", "test", "--classes", str(classes)])
+    (root / "bowling").mkdir()
+    write_video(root / "bowling" / "clip.mp4", 30)
+    with pytest.raises(SystemExit, match=r"do not include \['bowling'\]"):
+        build_shards.main(["--root", str(root), "--out", str(out), "--split", "test"])
+    assert set(read_manifest(str(out))["splits"]) == {"train", "val"}  # refused before touching it

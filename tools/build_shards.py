@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info
+from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info, read_manifest
 from tools.shard_building.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
 from trainer.atomic_files import atomic_write_text
 from tools.shard_building.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
@@ -114,8 +114,36 @@ def load_sources(args):
     for split, items in by_split.items():
         random.Random(args.seed).shuffle(items)  # shards then mix classes
         by_split[split] = items[: args.limit] if args.limit else items
-    label_map = read_ssv2_labels(args.ssv2) if args.ssv2 else build_label_map(sources, args.classes)
-    return by_split, label_map
+    return by_split, sources
+
+
+def existing_manifest(out: str) -> dict | None:
+    """The manifest of the set already in OUT (a later build adds its splits to it), or None."""
+    return read_manifest(out) if os.path.isfile(os.path.join(out, MANIFEST)) else None
+
+
+def settle_label_map(args, sources, existing: dict | None) -> dict:
+    """This build's label map: SSv2's official one, --classes, or, when OUT already holds a set, the set's own (a
+    split built after the others takes their map); else the sorted class names of these sources. One that differs
+    from the set's is refused: the splits of one set must agree on what label 3 means."""
+    if args.ssv2:
+        label_map = read_ssv2_labels(args.ssv2)
+    elif args.classes or existing is None:
+        label_map = build_label_map(sources, args.classes)
+    else:
+        label_map = existing["label_map"]
+        unknown = sorted({s.label for s in sources if s.label is not None} - set(label_map))
+        if unknown:
+            raise ValueError(f"{args.out} holds splits {sorted(existing['splits'])} whose {len(label_map)} classes do "
+                             f"not include {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: build this split into "
+                             "another --out, or rebuild the set with --classes listing every class")
+    if existing is not None and label_map != existing["label_map"]:
+        changed = sorted(k for k in set(label_map) | set(existing["label_map"])
+                         if label_map.get(k) != existing["label_map"].get(k))
+        raise ValueError(f"this build's label map differs from the one of the set in {args.out} (splits "
+                         f"{sorted(existing['splits'])}) for {len(changed)} classes, e.g. {changed[:3]}: leave out "
+                         "--classes to take the set's own map, or build into another --out")
+    return label_map
 
 
 def check_output(args) -> None:
@@ -279,11 +307,15 @@ def frame_summary(samples: list[dict]) -> dict:
     }
 
 
-def write_manifest(args, label_map, results) -> dict:
+def write_manifest(args, label_map, results, existing: dict | None = None) -> dict:
+    """OUT/manifest.json: this build's splits added to those a build before it wrote (a split built again replaces
+    its entry), never one dropped."""
+    kept = {split: info for split, info in (existing or {}).get("splits", {}).items() if split not in results}
     manifest = {
         "tool": "tools/build_shards.py", "version": TOOL_VERSION,
         "options": dict(vars(args)),
-        "label_map": label_map, "splits": {}, "skipped": [],
+        "label_map": label_map, "splits": kept,
+        "skipped": [s for s in (existing or {}).get("skipped", []) if s.get("split") not in results],
     }
     for split, (shards, skipped) in results.items():
         samples = [s for shard in shards for s in shard["samples"]]
@@ -313,7 +345,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
-        by_split, label_map = load_sources(args)
+        by_split, sources = load_sources(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
     if not by_split:
@@ -324,26 +356,35 @@ def main(argv=None) -> int:
     except OutputLocked as err:
         sys.exit(f"error: {err}")
     with lock:
-        return build(args, by_split, label_map, start)
+        existing = existing_manifest(args.out)
+        try:
+            label_map = settle_label_map(args, sources, existing)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        if existing is not None:
+            print(f"{args.out} holds splits {sorted(existing['splits'])}: adding {sorted(by_split)} with the set's "
+                  f"label map ({len(label_map)} classes)")
+        return build(args, by_split, label_map, start, existing)
 
 
-def build(args, by_split, label_map, start: float) -> int:
+def build(args, by_split, label_map, start: float, existing: dict | None = None) -> int:
     """The build proper, run while holding OUT's lock; the exit status."""
     check_options(args)
     options = PrepOptions(args.codec, args.short_side, args.gop, args.min_frames, args.verify)
     results = {}
     for split, sources in sorted(by_split.items()):
         results[split] = build_split(args, split, sources, label_map, options)
-    manifest = write_manifest(args, label_map, results)
+    manifest = write_manifest(args, label_map, results, existing)
 
     elapsed = time.time() - start
-    written = sum(s["samples"] for s in manifest["splits"].values())
-    total_bytes = sum(s["bytes"] for s in manifest["splits"].values())
-    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
-    per_split = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
+    built = {split: manifest["splits"][split] for split in results}
+    written = sum(s["samples"] for s in built.values())
+    total_bytes = sum(s["bytes"] for s in built.values())
+    shards = sum(len(s["shards"]) for s in built.values())
+    per_split = ", ".join(f"{k} {v['samples']}" for k, v in built.items())
     print(f"wrote {written} clips ({per_split}) in {shards} shards, {total_bytes / 1e6:.1f} MB, to {args.out} "
           f"in {elapsed:.1f} s")
-    reasons = Counter(s["reason"] for s in manifest["skipped"])
+    reasons = Counter(s["reason"] for s in manifest["skipped"] if s.get("split") in results)
     if reasons:
         detail = ", ".join(f"{SKIP_REASONS.get(r, r)} ({r}) {n}" for r, n in reasons.most_common())
         print(f"skipped {sum(reasons.values())}: {detail}; every one is listed in {args.out}/{MANIFEST}")
