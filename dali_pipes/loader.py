@@ -125,7 +125,7 @@ def build_finetune_loader(shards_dir: str, batch_size: int = 8, repeats: int = 2
 
 
 def build_eval_loader(shards_dir: str, batch_size: int = 1, num_clips: int = 7, num_crops: int = 3,
-                      num_frames: int = 16, stride: int = 4, crop_size: int = 224, target_fps=None,
+                      num_frames: int = 16, stride: int = 4, crop_size: int = 224, target_fps=30.0,
                       split: str = "val", **options) -> VideoLoader:
     """Multi-view testing: num_clips temporal clips spread over each video x num_crops square crops along its long
     side (the short side resized to crop_size); deterministic; every video exactly once."""

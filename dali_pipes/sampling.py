@@ -23,7 +23,7 @@ class ViewSpec:
     # Something-Something v2's custom: its 2-6 s clips are one action from start to end)
     sampling: str = "stride"
     stride: int = 4  # frames between samples, at target_fps when it is set, else at the video's own rate
-    target_fps: float | None = None  # mae_st samples at 30 fps whatever the source rate
+    target_fps: float | None = 30.0  # mae_st and SlowFast sample at 30 fps whatever the source rate (None: its own)
     repeats: int = 4  # views per decoded clip (MAE-ST repeated sampling)
     per_view_start: bool = False  # each view its own temporal start (the union of frames is decoded once)
     crop_size: int = 224

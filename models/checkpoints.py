@@ -152,8 +152,11 @@ def from_ours(state: Mapping, fmt: str) -> dict:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     foreign = {"mae_st": "decoder_pos_embed", "slowfast": "decoder_cls_token"}.get(fmt)
     if foreign in state:
-        raise ValueError(f"this model's decoder uses {foreign!r}, which the {fmt} format cannot hold; export as "
-                         f"{'slowfast' if fmt == 'mae_st' else 'mae_st'} instead")
+        own = "slowfast" if fmt == "mae_st" else "mae_st"
+        raise ValueError(f"this model's MAE decoder has {own}'s layout ({foreign!r}), which the {fmt} format cannot "
+                         f"hold: the official decoders differ in their position table and cls input, so a pretraining "
+                         f"model converts whole only to its own layout's format ({own}, or ours); its encoder converts "
+                         f"to every format (--encoder-only)")
     if fmt == "mae_st":
         return _split_qkv(state)
     if fmt == "slowfast":

@@ -219,9 +219,15 @@ def test_converter_cli(tmp_path, capsys):
     clf = build_classifier("vit_tiny", num_classes=3)
     load_pretrained(clf, str(tmp_path / "enc.pth"))
     assert torch.equal(clf.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
-    # a SlowFast-layout decoder has no place in the mae_st format: refused, with the way out
+    # a SlowFast-layout decoder has no place in the mae_st format: refused, with the ways out
     assert main([str(tmp_path / "sf.pyth"), str(tmp_path / "x.pth"), "--to", "mae_st"]) == 2
-    assert "export as slowfast instead" in capsys.readouterr().err
+    assert "converts whole only to its own layout's format (slowfast, or ours)" in capsys.readouterr().err
+    # nor an mae_st-layout one (this project's pretraining runs) in SlowFast's: its encoder converts
+    write_checkpoint(export_state_dict(build_pretrain_model("vit_tiny"), "mae_st"), str(tmp_path / "ours.pth"),
+                     "mae_st")
+    assert main([str(tmp_path / "ours.pth"), str(tmp_path / "x.pyth"), "--to", "slowfast"]) == 2
+    assert "--encoder-only" in capsys.readouterr().err
+    assert main([str(tmp_path / "ours.pth"), str(tmp_path / "x.pyth"), "--to", "slowfast", "--encoder-only"]) == 0
 
 
 @pytest.mark.parametrize("name", ["mae_st_pretrain_vit_b", "slowfast_pt_vit_b"])

@@ -44,11 +44,15 @@ def test_preflight_on_a_cpu_passes_what_a_cpu_can_check_and_skips_the_rest(demo_
 
 
 def test_preflight_fails_with_the_fix_on_a_bad_recipe(demo_shards, tmp_path):
+    """...naming every bad option, and writing nothing into the folder it was started from when --output does not
+    exist yet (preflight.json landed in the current folder)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", demo_shards,
                              "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
-                             "--output", str(tmp_path), "model.depth=-1"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1 and "FAIL  recipe" in result.stdout and "depth" in result.stdout
+                             "--output", str(tmp_path / "not_yet"), "model.depth=-1", "repeats=0"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and "FAIL  recipe" in result.stdout
+    assert "depth=-1" in result.stdout and "repeats=0" in result.stdout
+    assert os.listdir(tmp_path) == []
 
 
 SHARED_CHECK = """
@@ -372,3 +376,17 @@ def test_the_network_check_measures_within_a_node_and_across_nodes_apart(apart):
     first = outputs[0][0].strip()
     expected = "['across_nodes_gb_per_s'] 2" if apart else "['within_node_gb_per_s'] 1"
     assert first == f"0 PASS {expected}", outputs[0][1][-2000:]
+
+
+def test_the_preflight_takes_a_fine_tuning_recipe(tmp_path):
+    """Its help says it takes fine-tuning recipes: it stopped with KeyError: 'splits' (the label map was handed where
+    the task reads the manifest)."""
+    shards = make_shards(tmp_path, n=4, frames=20)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", shards, "--recipe",
+                             "demo_FT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--output",
+                             str(tmp_path / "ft"), "--steps", "2", "eval_split=train", "crop_size=32",
+                             "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.depth=2"],
+                            capture_output=True, text=True, timeout=300, env=process_env())
+    report = {c["name"]: c for c in json.load(open(tmp_path / "ft" / "preflight.json"))["checks"]}
+    assert "recipe" not in report and report["attention"]["status"] == "PASS", result.stdout + result.stderr[-2000:]
+    assert report["timed run"]["status"] in ("PASS", "WARN") and report["timed run"]["figures"]["steps"] == 2

@@ -207,6 +207,66 @@ def test_loss_guard_rules():
     assert all(guard.check(v) is None for v in (1.0, 0.9, 0.8, 0.8, 0.7, 1.5))  # 1.5 < 2 x 0.84
     assert "jumped to 3.0000" in guard.check(3.0)
     assert "inf" in guard.check(float("inf"))
+    assert "gradient norm is nan" in guard.check(1.0, grad_norm=float("nan"))
+    fresh = LossGuard()  # blind for its first 5 steps before: blr=1e4 went 1.48 -> 1.3e12 at step 2, unchecked
+    assert fresh.check(1.48) is None and "jumped to 1300000000000.0000" in fresh.check(1.3e12)
+    resumed = LossGuard()
+    resumed.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert "jumped" in resumed.check(10.0)
+
+
+def _jump_at_step_4(self, engine, batch, recipe):
+    loss, outputs = original_loss(self, engine, batch, recipe)
+    return (loss * 1e6 if engine.global_steps == 3 else loss), outputs
+
+
+def test_a_resumed_run_is_guarded_from_its_first_step(shards, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "run")
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+            "checkpoint_every=1", "explosion_factor=2.0", "blr=1e-4"]
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "3"]) == 0
+    saved = torch.load(os.path.join(out, "checkpoints", "step00000003", "rank00000.pt"), weights_only=False)
+    assert len(saved["guard"]["history"]) == 3
+    monkeypatch.setattr(pretrain.Pretraining, "loss", _jump_at_step_4)
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "8"]) == 3
+    assert "stopping at step 4: the loss jumped" in caplog.text
+    assert open(os.path.join(out, "checkpoints", "latest")).read() == "step00000003"
+
+
+def test_a_restart_with_other_overrides_says_what_changed_and_refuses_what_breaks_continuation(shards, tmp_path,
+                                                                                              monkeypatch, caplog):
+    """Resuming with blr=0.5 repeats=1 used to continue silently and overwrite config.json."""
+    from trainer.run import prepare
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "run")
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+            "image_every=0"]
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "2"]) == 0
+    with pytest.raises(ValueError) as err:
+        prepare(pretrain.Pretraining, [*args, "--max-steps", "3", "blr=0.5", "repeats=1", "log_every=1"])
+    assert "checkpointed at step 2 with another recipe (blr 0.015 -> 0.5, repeats 2 -> 1)" in str(err.value)
+    assert "--allow-changes" in str(err.value)  # (log_every changes no result: not listed)
+    prepare(pretrain.Pretraining, [*args, "--max-steps", "3", "log_every=1"])  # bookkeeping may change
+    assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "3", "blr=0.5", "--allow-changes"]) == 0
+    assert "resuming with recipe changes (logged in RUN_DIR/configs/): blr 0.015 -> 0.5" in caplog.text
+    starts = sorted(os.listdir(os.path.join(out, "configs")))
+    assert starts == ["start001.json", "start002.json"]
+    assert [json.load(open(os.path.join(out, "configs", name)))["recipe"]["blr"] for name in starts] == [0.015, 0.5]
+
+
+def test_overrides_take_the_fields_declared_types():
+    """epochs=2.5 and warmup_epochs=0.01 were refused as "expected a int": typed by the default's literal."""
+    recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_B_16x4_MAE_PT", [
+        "epochs=2.5", "warmup_epochs=0.01", "target_fps=None", "batch_size=None", "betas=[0.9, 0.99]", "seed=3"])
+    assert (recipe.epochs, recipe.warmup_epochs, recipe.target_fps, recipe.batch_size) == (2.5, 0.01, None, None)
+    assert recipe.betas == (0.9, 0.99) and recipe.seed == 3
+    with pytest.raises(ValueError) as err:
+        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=2.5", "epochs=many", "nope=1"])
+    message = str(err.value)  # every bad override at once
+    assert "repeats='2.5' (must be int)" in message and "epochs='many' (must be float)" in message
+    assert "unknown recipe field 'nope'" in message
 
 
 def test_config_conflicts_are_explained_in_one_message(tmp_path):
@@ -246,7 +306,7 @@ def test_shipped_ds_configs_fit_the_recipes_on_any_world_they_divide():
     for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu"):
         recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_H_16x4_MAE_PT" if name != "cpu" else "demo_PT", [])
         config = read_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json"), recipe)
-        for world in (1, 8, 64):  # one GPU, one node, the paper's 64
+        for world in (1, 8, 16, 64):  # one GPU, one node, two nodes (the README's launchers), the paper's 64
             plan = plan_batch(recipe.batch_size, config.micro_batch, world, config.accumulation)
             assert plan.clips_per_step == (recipe.batch_size or config.micro_batch * config.accumulation * world)
 
@@ -258,7 +318,7 @@ def test_recipe_overrides_and_schedule():
     assert recipe.model_options == {"norm_pix_loss": True, "drop_path_rate": 0.1}
     with pytest.raises(ValueError, match="unknown recipe field 'lr_peak'"):
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr_peak=1"])
-    with pytest.raises(ValueError, match="expected a int"):
+    with pytest.raises(ValueError, match=r"repeats='two' \(must be int\)"):
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=two"])
     assert [round(warmup_cosine(s, 10, 110, 0.0), 3) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)

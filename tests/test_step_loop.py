@@ -101,6 +101,16 @@ def test_bad_options_are_refused_before_anything_starts(shards, tmp_path, overri
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_every_bad_option_is_named_in_one_message(shards, tmp_path):
+    """model.depth=-1 repeats=0 decoder=nvdec named repeats and decoder; depth came on the next try."""
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output",
+            str(tmp_path / "run"), "model.depth=-1", "repeats=0", "decoder=nvdec"]
+    with pytest.raises(ValueError) as err:
+        prepare(pretrain.Pretraining, args)
+    for named in ("depth=-1", "repeats=0", "decoder='nvdec'"):
+        assert named in str(err.value), named
+
+
 def test_a_dead_builders_lock_is_removed_and_a_live_ones_kept(tmp_path):
     stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "some_op" / "lock"
     for lock in (stale, live):

@@ -46,11 +46,13 @@ PRESETS = {
     # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 5 minutes
     "small": dict(batch_size=4, num_frames=16, sampling="stride", stride=4, crop_size=112, batches=12, warmup=4,
                   rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="demo_PT", e2e_steps=10,
-                  e2e_ds_config="ds_configs/cpu.json"),
+                  e2e_ds_config="ds_configs/cpu.json", e2e_overrides=""),
     # full: a GPU node and Kinetics shards
     "full": dict(batch_size=8, num_frames=16, sampling="stride", stride=4, crop_size=224, batches=20, warmup=4,
                  rounds=5, model="vit_l", model_batch=8, model_steps=5, e2e_recipe="k400_VIT_L_16x4_MAE_PT",
-                 e2e_steps=50, e2e_ds_config="ds_configs/zero2_bf16.json"),
+                 e2e_steps=50, e2e_ds_config="ds_configs/zero2_bf16.json",
+                 # one GPU: an optimizer step of one micro-batch (the paper's 512 clips would accumulate 64 of them)
+                 e2e_overrides="batch_size=8"),
 }
 
 
@@ -100,7 +102,8 @@ def group_model(cfg: dict, variants: set) -> list[Contender]:
 
 def group_e2e(cfg: dict, _=None) -> list[Contender]:
     return [Contender(f"e2e trainer {cfg['e2e_recipe']}", "tools.bench.model:e2e", cfg, recipe=cfg["e2e_recipe"],
-                      ds_config=os.path.join(ROOT, cfg["e2e_ds_config"]), steps=cfg["e2e_steps"])]
+                      ds_config=os.path.join(ROOT, cfg["e2e_ds_config"]), steps=cfg["e2e_steps"],
+                      overrides=cfg["e2e_overrides"].split())]
 
 
 MODES = {mode: [(group_data, {mode})] for mode in ("decode-limit", "loader", "baselines", "stages")}  # groups, in turn
@@ -317,7 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--assumed-mfu", type=float, default=0.4, help="the projection's model FLOP utilisation")
     p.add_argument("--json", help="also write the measurements, ratios and machine here")
     for key, value in PRESETS["small"].items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), help=f"override the preset's {key}")
+        extra = " (recipe overrides, space-separated key=value)" if key == "e2e_overrides" else ""
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), help=f"override the preset's {key}{extra}")
     args = p.parse_args(argv)
     cfg = {**PRESETS[args.preset], "shards": args.shards, "split": args.split, "workers": args.workers}
     cfg.update({k: v for k in PRESETS["small"] if (v := getattr(args, k)) is not None})

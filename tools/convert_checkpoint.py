@@ -1,7 +1,13 @@
 """Convert an MAE-ST checkpoint between formats: ours, mae_st ('model', separate q/k/v) and SlowFast ('model_state').
 
-    python tools/convert_checkpoint.py VIT_L_16x4_MAE_PT.pyth vit_l_mae_st.pth --to mae_st
-    python tools/convert_checkpoint.py run/export/mae_st.pth encoder.pth --to slowfast --encoder-only
+    python tools/convert_checkpoint.py VIT_L_16x4_MAE_PT.pyth vit_l_encoder.pth --to mae_st --encoder-only
+    python tools/convert_checkpoint.py runs/demo_pt/export/mae_st_pretrain.pth demo.pyth --to slowfast --encoder-only
+    python tools/convert_checkpoint.py runs/demo_pt demo_pt.pth --to mae_st      # a run folder: its latest checkpoint
+
+What converts: a fine-tuned model or an encoder, between all three formats. A pretraining model (with its MAE
+decoder) whole only to its decoder layout's format or ours: the two official decoders differ in their position
+table and cls input (models/config.py), so mae_st's layout (ours, mae_st files) does not fit SlowFast's files and
+back; --encoder-only drops the decoder and converts to any format.
 """
 
 import argparse

@@ -9,7 +9,7 @@ CPU) by tools/build_shards.py.
     python tools/make_demo_data.py --out demo_data
     -> demo_data/videos/<class>/<youtube_id>_<start>_<end>.mp4, demo_data/kinetics_demo.csv, demo_data/shards/
     # Kinetics-like clips for the benchmark: 10 s at 340x256, sharded at a 256 short side (about 2 minutes)
-    python tools/make_demo_data.py --out kinetics_like --frames 300 --size 340x256 --short-side 256 \
+    python tools/make_demo_data.py --out kinetics_like --frames 300 --size 340x256 --short-side 256 \\
         --train-per-class 5 --val-per-class 0
 """
 

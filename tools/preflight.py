@@ -97,21 +97,18 @@ def main(argv=None) -> int:
     from tools.checks.ranks import Ranks
     from trainer.ds_config import plan_batch, read_ds_config
     from trainer.engine import init_distributed
-    from trainer.recipes import check_recipe, resolve_recipe
+    from trainer.run import resolve
 
     args = parse_args(argv)
     results = [guarded("versions", environment.check_versions)]
     try:  # what the trainer refuses before starting anything: nothing else can be checked without it
         task_type = task_for(args.recipe)
-        recipe = resolve_recipe(task_type.recipes, args.recipe, args.overrides)
-        check_recipe(recipe)
-        task = task_type.from_args(argparse.Namespace(pretrained=args.pretrained, eval_only=False))
+        task, recipe, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
         manifest = read_manifest(args.data)
-        model_cfg = task.model_config(recipe, manifest["label_map"])
     except (ValueError, TypeError, FileNotFoundError) as err:
         results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
         return write_report(results, "preflight stopped before starting any process", os.path.join(
-            args.output, "preflight.json") if os.path.isdir(args.output) else "preflight.json")
+            args.output, "preflight.json") if os.path.isdir(args.output) else None)
     os.makedirs(args.output, exist_ok=True)
     nccl_log = environment.log_nccl_to(os.path.join(args.output, "nccl"))
     try:

@@ -143,6 +143,16 @@ def main(argv=None) -> int:
                    help="shards for the training part (make demo builds them)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.train_steps and not os.path.isfile(os.path.join(args.demo_shards, "manifest.json")):
+        # (before the loader's part, not after it: the training part needs them)
+        from tools import make_demo_data
+
+        demo = os.path.dirname(os.path.abspath(args.demo_shards))
+        print(f"the training part needs the demo shards, not in {args.demo_shards}: building them into {demo} first "
+              "(tools/make_demo_data.py, about 10 s)", flush=True)
+        if make_demo_data.main(["--out", demo]) != 0 or not os.path.isfile(os.path.join(args.demo_shards,
+                                                                                         "manifest.json")):
+            p.error(f"could not build the demo shards into {args.demo_shards}: give --demo-shards, or --train-steps 0")
     shards = args.shards or soak_shards(args.out)
     verdicts = {}
     rows = soak_loader(shards, args.epochs, args.batch_size)

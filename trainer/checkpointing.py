@@ -74,11 +74,18 @@ class Checkpointer:
 
     def saved_run(self) -> dict | None:
         """The meta.json of the checkpoint a start resumes from (its step, world size, ZeRO stage and the run's
-        facts), or None for a fresh run."""
-        tag = self.latest()
-        if tag is None:
+        facts: global batch, schedule, recipe), or None for a fresh run."""
+        return self.saved_meta(os.path.dirname(self.dir))
+
+    @staticmethod
+    def saved_meta(run_dir: str) -> dict | None:
+        """saved_run() of the run folder `run_dir`, before any process group is started."""
+        checkpoints = os.path.join(run_dir, "checkpoints")
+        if not os.path.exists(os.path.join(checkpoints, "latest")):
             return None
-        with open(os.path.join(self.dir, tag, "meta.json")) as f:
+        with open(os.path.join(checkpoints, "latest")) as f:
+            tag = f.read().strip()
+        with open(os.path.join(checkpoints, tag, "meta.json")) as f:
             return json.load(f)
 
     def resume_plan(self) -> "ResumePlan | None":
@@ -114,9 +121,9 @@ class Checkpointer:
             _wait_for(target, f"{target}.failed", f"rank 0 converting {tag} to {universal}")
         return ResumePlan(universal, universal=True)
 
-    def resume(self, engine, plan: "ResumePlan", loader) -> int:
-        """Load the plan's checkpoint into the engine, the loader and the RNGs; returns the optimizer step to
-        continue from."""
+    def resume(self, engine, plan: "ResumePlan", stateful: dict) -> int:
+        """Load the plan's checkpoint into the engine, the RNGs and each of `stateful` ({name: an object with
+        state_dict / load_state_dict}: the loader, the loss guard); returns the optimizer step to continue from."""
         tag = plan.tag
         path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if path is None:
@@ -125,24 +132,29 @@ class Checkpointer:
         with open(os.path.join(self.dir, source, "meta.json")) as f:
             step = json.load(f)["step"]
         own = os.path.join(self.dir, source, f"rank{self.env.rank:05d}.pt")
-        if tag == source and os.path.exists(own):
-            state = torch.load(own, weights_only=False)  # our own file: numpy's RNG state is not a tensor
-            loader.load_state_dict(state["loader"])
+        same_layout = tag == source and os.path.exists(own)
+        # our own files: numpy's RNG state is not a tensor. On another layout of processes rank 0's state serves
+        # every rank (the loader goes on with its epoch in a fresh order), and each rank reseeds
+        state = torch.load(own if same_layout else os.path.join(self.dir, source, "rank00000.pt"), weights_only=False)
+        for name, component in stateful.items():
+            if name in state:
+                component.load_state_dict(state[name])
+        if same_layout:
             set_rng_state(state["rng"], self.env.device)
-        else:  # another layout of processes: the epoch restarts, each rank reseeds
-            first = torch.load(os.path.join(self.dir, source, "rank00000.pt"), weights_only=False)
-            loader.load_state_dict(first["loader"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, loader.epoch, loader.cursor.position)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, state["loader"]["cursor"]["epoch"],
+                 state["loader"]["cursor"]["position"])
         return step
 
-    def save(self, engine, step: int, loader) -> str:
-        """Write checkpoint step{step}; `latest` moves to it only once every rank has written its part."""
+    def save(self, engine, step: int, stateful: dict) -> str:
+        """Write checkpoint step{step} (the engine's files, and this rank's RNGs and `stateful` components' states);
+        `latest` moves to it only once every rank has written its part."""
         tag = f"step{step:08d}"
         engine.save_checkpoint(self.dir, tag=tag, client_state={"step": step}, save_latest=False)
         folder = os.path.join(self.dir, tag)
         own = os.path.join(folder, f"rank{self.env.rank:05d}.pt")
         with atomic_file(own) as f:
-            torch.save({"loader": loader.state_dict(), "rng": rng_state(self.env.device), "step": step}, f)
+            torch.save({**{name: c.state_dict() for name, c in stateful.items()}, "rng": rng_state(self.env.device),
+                        "step": step}, f)
         dist.barrier()
         if self.env.is_main:
             stage = engine.zero_optimization_stage()

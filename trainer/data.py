@@ -16,7 +16,8 @@ def loader_config(recipe, data: str, env, micro_batch: int, dtype) -> LoaderConf
         world_size=env.world_size, seed=recipe.seed, decoder=recipe.decoder, device=env.device, dtype=dtype,
         num_threads=recipe.loader_threads, processes_per_node=env.local_world_size,
         decode_pipelines=recipe.decode_pipelines, rand_augment=getattr(recipe, "rand_augment", None),
-        skip_damaged_shards=recipe.skip_damaged_shards, dont_use_mmap=recipe.dont_use_mmap)
+        skip_damaged_shards=recipe.skip_damaged_shards, dont_use_mmap=recipe.dont_use_mmap,
+        shuffle_buffer=recipe.shuffle_buffer)
 
 
 def eval_config(train: LoaderConfig, split: str, clips: int, crops: int) -> LoaderConfig:

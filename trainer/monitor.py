@@ -15,7 +15,9 @@ from tqdm import tqdm
 class LossGuard:
     """SlowFast's rule: stop on a non-finite loss, or one above `factor` x the mean of the previous 5 (no such
     check when factor is None); and on a non-finite gradient norm (a step DeepSpeed took, or skipped, with NaN or
-    inf gradients: the shipped bf16 configs leave DeepSpeed's own overflow check off)."""
+    inf gradients: the shipped bf16 configs leave DeepSpeed's own overflow check off). It watches from the first
+    step, against the mean of the steps seen so far, and its memory of them is saved with each checkpoint, so a
+    resumed run is watched from its first step too."""
 
     def __init__(self, factor: float | None = 2.0, window: int = 5):
         self.history, self.factor = deque(maxlen=window), factor
@@ -26,13 +28,20 @@ class LossGuard:
             return f"the loss is {loss}"
         if not math.isfinite(grad_norm):
             return f"the gradient norm is {grad_norm}"
-        if self.factor and len(self.history) == self.history.maxlen:
+        if self.factor and self.history:
             mean = sum(self.history) / len(self.history)
             if loss > self.factor * mean:
                 return f"the loss jumped to {loss:.4f}, more than {self.factor:g}x the mean {mean:.4f} of the last " \
                        f"{len(self.history)} steps"
         self.history.append(loss)
         return None
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
 
 
 class Monitor:

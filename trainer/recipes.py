@@ -7,6 +7,8 @@ Any field can be overridden on the command line as key=value (model constructor 
 
 import ast
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 
 from dali_pipes.sampling import SAMPLINGS
@@ -33,6 +35,7 @@ class Recipe:
     loader_threads: int | None = None
     decode_pipelines: int | None = None  # DALI pipelines taking turns per process (None: 4 on a GPU, 1 on a CPU)
     dont_use_mmap: bool = False  # True on network filesystems (NFS, Lustre, GPFS): plain reads instead of mmap
+    shuffle_buffer: int = 1024  # clips in DALI's shuffle buffer per process (host memory: the log says how much)
     skip_damaged_shards: bool = False  # train without shards that are cut short or lack their index (logged)
     # optimization: lr = blr x clips per step / 256, repeats not counted (the official code's choice)
     batch_size: int | None = None  # clips per optimizer step over all ranks; None: whatever the ds_config gives
@@ -43,8 +46,8 @@ class Recipe:
     clip_grad: float = 0.02
     epochs: float = 200  # passes over the data (the paper counts epochs x repeats)
     warmup_epochs: float = 60
-    # bookkeeping; every *_every counts optimizer steps (eval_every: epochs), and 0 turns it off (a run still
-    # checkpoints at its end)
+    # bookkeeping; every *_every counts optimizer steps but eval_every, which counts epochs; 0 turns it off (a run
+    # still checkpoints at its end)
     seed: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -81,40 +84,54 @@ PRETRAIN_RECIPES = {
 }
 
 
-def _parse_value(key: str, text: str, current):
-    """The override's text as a value of the type of the field it replaces (a bare word is a string)."""
+def _parse_value(key: str, text: str, annotation=None):
+    """The override's text as a value of the field's declared type (`epochs=2.5` for a float field, `seed=3` for an
+    int, `target_fps=None` where None is allowed, a bare word for a string); without an annotation (model options,
+    checked by the model's config) the literal it reads as."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(current, str) and value is not None:
+    if annotation is None:
+        return value
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    if str in allowed:
         return text
-    if isinstance(current, float) and type(value) is int:
+    if float in allowed and type(value) is int:
         return float(value)
-    if current is not None and value is not None and type(value) is not type(current):
-        raise ValueError(f"{key}={text!r}: expected a {type(current).__name__} like {current!r}")
-    return value
+    if tuple in allowed and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if any(type(value) is kind for kind in allowed):
+        return value
+    names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+    raise ValueError(f"{key}={text!r} (must be {names})")
 
 
 def resolve_recipe(recipes: dict, name: str, overrides: list[str]):
-    """The named recipe with key=value overrides applied."""
+    """The named recipe with key=value overrides applied; every bad override in one ValueError."""
     if name not in recipes:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(recipes)}")
     recipe = recipes[name]
-    fields = {f.name for f in dataclasses.fields(recipe)}
-    changes, model_options = {}, dict(recipe.model_options)
+    fields = {f.name: f.type for f in dataclasses.fields(recipe)}
+    changes, model_options, problems = {}, dict(recipe.model_options), []
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        if key.startswith("model."):
-            option = key[len("model."):]
-            model_options[option] = _parse_value(key, text, model_options.get(option))
-        elif key in fields and key != "model_options":
-            changes[key] = _parse_value(key, text, getattr(recipe, key))
-        else:
-            raise ValueError(f"unknown recipe field {key!r}; fields are {sorted(fields - {'model_options'})} "
-                             "and model.<option>")
+        try:
+            if not sep:
+                raise ValueError(f"override {item!r} is not key=value")
+            if key.startswith("model."):
+                model_options[key[len("model."):]] = _parse_value(key, text)
+            elif key in fields and key != "model_options":
+                changes[key] = _parse_value(key, text, fields[key])
+            else:
+                raise ValueError(f"unknown recipe field {key!r}; fields are {sorted(set(fields) - {'model_options'})} "
+                                 "and model.<option>")
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("invalid overrides: " + "; ".join(problems))
     return dataclasses.replace(recipe, model_options=model_options, **changes)
 
 
@@ -141,7 +158,7 @@ class FinetuneRecipe(Recipe):
     eval_split: str = "val"
     eval_clips: int = 7  # final test: temporal clips x spatial crops per video, softmax averaged
     eval_crops: int = 3
-    eval_every: int = 1  # epochs between quick single-view validations (0: none)
+    eval_every: int = 1  # EPOCHS between quick single-view validations (0: none)
     image_every: int = 0
     explosion_factor: float | None = None  # a small batch's cross-entropy legitimately doubles: NaN/inf only
 
@@ -176,7 +193,8 @@ FINETUNE_RECIPES.update({
     "ssv2_VIT_B_16x2_FT": FinetuneRecipe(model="vit_b", drop_path=0.1, layer_decay=0.65, dropout=0.3, **_SSV2),
     "ssv2_VIT_L_16x2_FT": FinetuneRecipe(model="vit_l", drop_path=0.2, layer_decay=0.75, dropout=0.3, **_SSV2),
     # the SSv2-shaped demo (tools/make_ssv2_demo.py): its classes are directions of motion, a mirrored pair among them.
-    # Trained from scratch on a few dozen clips: crops keep half the frame at least, so the moving object stays in view
+    # Fine-tuned from `make demo`'s model (make demo-ssv2) on a few dozen clips: crops keep half the frame at least, so
+    # the moving object stays in view
     "demo_ssv2_FT": FinetuneRecipe(
         model="vit_tiny", model_options=DEMO_ENCODER, num_frames=8, crop_size=64, scale=(0.5, 1.0), sampling="segments",
         per_view_start=True, flip=False, target_fps=None, repeats=2, rand_augment=None, mixup=0.0, cutmix=0.0,
@@ -207,9 +225,10 @@ def _pair(low, high, v):
 _RULES = {
     **{name: (_positive_int, "an integer >= 1") for name in (
         "num_frames", "stride", "crop_size", "repeats", "keep_checkpoints", "mask_repeats", "eval_clips",
-        "eval_crops")},
-    **{name: (_count, "an integer >= 0 (0: off)") for name in (
-        "checkpoint_every", "log_every", "image_every", "eval_every")},
+        "eval_crops", "shuffle_buffer")},
+    **{name: (_count, "an integer >= 0: optimizer steps between them (0: off)") for name in (
+        "checkpoint_every", "log_every", "image_every")},
+    "eval_every": (_count, "an integer >= 0: epochs between validations (0: off)"),
     **{name: (lambda v: v is None or _positive_int(v), "an integer >= 1, or None (automatic)") for name in (
         "loader_threads", "decode_pipelines", "batch_size", "num_classes")},
     "seed": (lambda v: type(v) is int, "an integer"),
@@ -237,13 +256,31 @@ _RULES = {
 }
 
 
-def check_recipe(recipe) -> None:
-    """Every value within its allowed range, or one ValueError naming each bad one and what it may be."""
+# Fields a resumed run may change without changing what it computes: bookkeeping, evaluation, the guard, and how the
+# loader gets its work done (the order of its batches does not depend on them). Any other change makes a run that
+# differs from one started with it, and is refused at resume unless asked for (--allow-changes).
+CHANGEABLE_ON_RESUME = {"checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_every", "eval_split",
+                        "eval_clips", "eval_crops", "explosion_factor", "loader_threads", "decode_pipelines",
+                        "dont_use_mmap"}
+
+
+def as_saved(recipe) -> dict:
+    """The recipe as a checkpoint's meta.json records it (JSON's types: tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
+
+
+def recipe_changes(saved: dict, recipe) -> dict:
+    """{field: (as saved, now)} for the fields of `recipe` that differ from a saved one."""
+    now = as_saved(recipe)
+    return {name: (saved.get(name), value) for name, value in now.items() if saved.get(name) != value}
+
+
+def recipe_problems(recipe) -> list[str]:
+    """Every value outside its allowed range, one phrase each naming it and what it may be ([] if all are fine)."""
     from dali_pipes.decoders import DECODER_NAMES
 
     problems = [f"{name}={getattr(recipe, name)!r} (must be {allowed})" for name, (test, allowed) in _RULES.items()
                 if hasattr(recipe, name) and not test(getattr(recipe, name))]
     if recipe.decoder not in DECODER_NAMES:
         problems.append(f"decoder={recipe.decoder!r} (must be one of {', '.join(DECODER_NAMES)})")
-    if problems:
-        raise ValueError("invalid recipe values: " + "; ".join(problems))
+    return problems

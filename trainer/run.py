@@ -34,7 +34,7 @@ from trainer.host_readback import HostReadback
 from trainer.memory_plan import device_capacity, plan_recompute
 from trainer.monitor import LossGuard, Monitor
 from trainer.preemption import EXIT_PREEMPTED, MARKER, PreemptionSignal
-from trainer.recipes import check_recipe, resolve_recipe
+from trainer.recipes import CHANGEABLE_ON_RESUME, as_saved, recipe_changes, recipe_problems, resolve_recipe
 from trainer.run_folder import NotShared, check_shared
 from trainer.versions import VersionProblem, require_versions
 
@@ -150,7 +150,12 @@ class Run:
         self.loader = VideoLoader(loader_config(recipe, args.data, self.env, self.micro, self.dtype))
         self.model = task.build_model(recipe, model_cfg, self.env)
         self.steps_per_epoch = len(self.loader) / self.accum
-        if saved and "total_steps" in saved:  # the schedule the run began with: a step means the same thing
+        changes = recipe_changes(saved["recipe"], recipe) if saved and "recipe" in saved else {}
+        if changes and self.env.is_main:
+            log.warning("resuming with recipe changes (logged in RUN_DIR/configs/): %s", ", ".join(
+                f"{name} {before!r} -> {now!r}" for name, (before, now) in sorted(changes.items())))
+        rescheduled = {"epochs", "warmup_epochs", "batch_size"} & set(changes)
+        if saved and "total_steps" in saved and not rescheduled:  # the schedule it began with: a step means the same
             self.total_steps, warmup = saved["total_steps"], saved["warmup_steps"]
         else:
             self.total_steps = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
@@ -158,7 +163,7 @@ class Run:
         self._note_resume_layout(saved)
         self.checkpointer.run_facts = {"clips_per_step": self.clips_per_step, "micro_batch": self.micro,
                                        "accumulation": self.accum, "total_steps": self.total_steps,
-                                       "warmup_steps": warmup}
+                                       "warmup_steps": warmup, "recipe": as_saved(recipe)}
         resume = self.checkpointer.resume_plan()
         self.ds_config = ds_config.for_deepspeed(recipe, self.batch)
         if resume:
@@ -166,7 +171,8 @@ class Run:
         self.engine = build_engine(self.model, recipe, self.ds_config, self.lr, self.total_steps, warmup,
                                    task.lr_scale_of(self.model, recipe))
         peak, peak_source = device_peak_flops(self.env.device, self.dtype)
-        self.step = self.checkpointer.resume(self.engine, resume, self.loader) if resume else 0  # restores RNGs
+        self.guard = LossGuard(recipe.explosion_factor)
+        self.step = self.checkpointer.resume(self.engine, resume, self._stateful()) if resume else 0  # and RNGs
         self.stop_at = min(self.total_steps, args.max_steps or self.total_steps)
         flops = task.train_flops_per_clip(self.model, recipe) * self.micro * self.accum
         self.monitor = Monitor(self.run_dir, self.env.is_main, self.step, self.stop_at, self.clips_per_step,
@@ -187,18 +193,24 @@ class Run:
                         "fresh order", *before, *now, self.clips_per_step, self.total_steps)
 
     def _describe(self, peak: float, peak_source: str) -> None:
-        """Print and save the resolved configuration."""
+        """Print and save the resolved configuration: RUN_DIR/config.json (this start's), and one file per start in
+        RUN_DIR/configs/ (their history: what a resumed run was started with each time)."""
         from models.attention import describe_attention
 
-        resolved = {"recipe_name": self.args.recipe, "recipe": asdict(self.recipe), "ds_config": self.ds_config,
+        resolved = {"recipe_name": self.args.recipe, "started_at_step": self.step, "command_line": sys.argv,
+                    "recipe": asdict(self.recipe), "ds_config": self.ds_config,
                     "data": self.args.data, "world_size": self.env.world_size, "device": str(self.env.device),
                     "dtype": str(self.dtype), "clips_per_step": self.clips_per_step, "lr": self.lr,
                     "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                     "stop_at": self.stop_at, "model": asdict(self.model.cfg),
                     "loader_decoder": self.loader.route.name, "memory": self.memory_note, "peak_flops": peak}
         if self.env.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(resolved, f, indent=1, default=str)
+            history = os.path.join(self.run_dir, "configs")
+            os.makedirs(history, exist_ok=True)
+            start = sum(name.startswith("start") for name in os.listdir(history)) + 1
+            for path in (os.path.join(self.run_dir, "config.json"), os.path.join(history, f"start{start:03d}.json")):
+                with open(path, "w") as f:
+                    json.dump(resolved, f, indent=1, default=str)
             log.info("resolved configuration (saved to %s):\n%s", os.path.join(self.run_dir, "config.json"),
                      json.dumps(resolved, indent=1, default=str))
             log.info("%s (started by %s); lr %.3g; %d steps (%.1f per epoch); starting at step %d",
@@ -217,7 +229,7 @@ class Run:
             return self._stop(problem)
         tag = self.checkpointer.latest()
         if self.task.trains and tag != f"step{self.step:08d}":
-            tag = self.checkpointer.save(self.engine, self.step, self.loader)  # (a finished run has nothing new)
+            tag = self.checkpointer.save(self.engine, self.step, self._stateful())  # (a finished run has nothing new)
         summary = self.task.finish(self, tag)
         self.close()
         if self.env.is_main:
@@ -258,7 +270,7 @@ class Run:
         - a checkpoint, an evaluation and a picture read their tensors: every checkpoint_every / eval_every /
           image_every steps.
         - ZeRO's gradient reduction is a collective each optimizer step: it is the step."""
-        guard, recipe, device = LossGuard(self.recipe.explosion_factor), self.recipe, self.env.device
+        guard, recipe, device = self.guard, self.recipe, self.env.device
         epoch, pending = self.loader.epoch, None
         loss_sum = torch.zeros((), device=device)
         last_end, wait = time.perf_counter(), 0.0
@@ -290,7 +302,7 @@ class Run:
                 problem, pending = self._account(pending, guard)[0], None
                 if problem:
                     return problem
-                self.checkpointer.save(self.engine, self.step, self.loader)
+                self.checkpointer.save(self.engine, self.step, self._stateful())
                 return PREEMPTED
             if self.loader.epoch != epoch:
                 epoch = self.loader.epoch
@@ -299,13 +311,13 @@ class Run:
                 (problem, stop), pending = self._account(pending, guard), None  # never checkpoint a bad step
                 if problem:
                     return problem
-                self.checkpointer.save(self.engine, self.step, self.loader)
+                self.checkpointer.save(self.engine, self.step, self._stateful())
                 if stop:
                     return PREEMPTED
         if pending:
             problem, stop = self._account(pending, guard)
             if not problem and stop and self.step < self.stop_at:
-                self.checkpointer.save(self.engine, self.step, self.loader)
+                self.checkpointer.save(self.engine, self.step, self._stateful())
                 return PREEMPTED
             return problem
         return None
@@ -322,6 +334,10 @@ class Run:
                           done.logged, done.elapsed, done.wait)
         self.task.after_step(self, done.step, done.batch, done.outputs)
         return None, stops > 0
+
+    def _stateful(self) -> dict:
+        """What a checkpoint saves besides the engine and the RNGs: where the loader stands, what the guard saw."""
+        return {"loader": self.loader, "guard": self.guard}
 
     def close(self) -> None:
         self.monitor.close()
@@ -397,10 +413,27 @@ def parse_args(task_type: type[Task], argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="shards built by tools/build_shards.py")
     p.add_argument("--output", required=True, help="run folder: checkpoints, logs; an existing one is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointing at the end)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume with a recipe that differs from the run's in what it computes (logged)")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher (read from the env)")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value, model options model.key=value")
     task_type.add_arguments(p)
     return p.parse_intermixed_args(argv)
+
+
+def resolve(task_type: type[Task], args: argparse.Namespace):
+    """(task, recipe, model config) for the command line's recipe, overrides, data and task options, with every
+    problem of the recipe and the model's options in one ValueError; nothing heavy is started."""
+    recipe = resolve_recipe(task_type.recipes, args.recipe, args.overrides)
+    task = task_type.from_args(args)
+    problems = recipe_problems(recipe)
+    try:  # the model's options too, in the same message
+        model_cfg = task.model_config(recipe, read_manifest(args.data))
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("invalid options: " + "; ".join(problems))
+    return task, recipe, model_cfg
 
 
 def prepare(task_type: type[Task], argv=None):
@@ -409,12 +442,27 @@ def prepare(task_type: type[Task], argv=None):
     args = parse_args(task_type, argv)
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
-    recipe = resolve_recipe(task_type.recipes, args.recipe, args.overrides)
-    check_recipe(recipe)
-    task = task_type.from_args(args)
-    model_cfg = task.model_config(recipe, read_manifest(args.data))
+    task, recipe, model_cfg = resolve(task_type, args)
+    check_resume_changes(args.output, recipe, args.allow_changes)
     require_versions()
     return task, args, recipe, model_cfg
+
+
+def check_resume_changes(run_dir: str, recipe, allowed: bool) -> dict:
+    """What differs between `recipe` and the one the run in `run_dir` was checkpointed with ({} for a new run);
+    a change that would not continue the same run is refused unless `allowed`."""
+    saved = Checkpointer.saved_meta(run_dir)
+    if not saved or "recipe" not in saved:
+        return {}
+    changes = recipe_changes(saved["recipe"], recipe)
+    breaking = {name: change for name, change in changes.items() if name not in CHANGEABLE_ON_RESUME}
+    if breaking and not allowed:
+        listed = ", ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in sorted(breaking.items()))
+        raise ValueError(f"{run_dir} was checkpointed at step {saved['step']} with another recipe ({listed}): "
+                         "resuming with these changes would not continue the same run. Drop them, start a new "
+                         "--output, or pass --allow-changes to go on with them (the run then differs from one started "
+                         "with them; the change is logged and its configuration kept in RUN_DIR/configs/)")
+    return changes
 
 
 def main(task_type: type[Task], argv=None) -> int:

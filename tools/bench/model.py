@@ -120,8 +120,9 @@ def model_parts(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: 
     return run_round
 
 
-def e2e(cfg: dict, recipe: str, ds_config: str, steps: int):
-    """The trainer on the benchmark's shards, in this process: a round is `steps` optimizer steps."""
+def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
+    """The trainer on the benchmark's shards, in this process: a round is `steps` optimizer steps; `overrides`: the
+    recipe's, key=value."""
     import os
     import tempfile
 
@@ -134,7 +135,7 @@ def e2e(cfg: dict, recipe: str, ds_config: str, steps: int):
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["workers"]))
     task, args, resolved, model_cfg = prepare(Pretraining, [
         "--ds_config", ds_config, "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir,
-        "checkpoint_every=0", "image_every=0", "log_every=0", f"split={cfg['split']}"])
+        "checkpoint_every=0", "image_every=0", "log_every=0", f"split={cfg['split']}", *overrides])
     run = Run(task, args, resolved, model_cfg, quiet=True)
     _KEEP_UNTIL_EXIT.append(run)
 
