@@ -7,7 +7,7 @@ spawned as a DataLoader worker was seen to abort ("terminate called without an a
 from dali_pipes.config import LoaderConfig
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec
 
-_LOADERS = ("VideoLoader", "build_eval_loader", "build_finetune_loader", "build_pretrain_loader")
+_LOADERS = ("VideoLoader", "build_eval_loader", "build_pretrain_loader")
 __all__ = ["EvalViews", "LoaderConfig", "TrainViews", "ViewSpec", *_LOADERS]
 
 

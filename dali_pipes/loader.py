@@ -11,6 +11,7 @@ once (one per NVDEC engine); and the next batch decodes while training computes 
 training and testing is data: the LoaderConfig's views (sampling.TrainViews / EvalViews).
 """
 
+import dataclasses
 import logging
 
 from dali_pipes.config import LoaderConfig
@@ -105,31 +106,25 @@ class VideoLoader:
         return {"world_size": c.world_size, "rank": c.rank, "batch_size": c.batch_size, "seed": c.seed}
 
 
-def build_pretrain_loader(shards_dir: str, batch_size: int = 8, repeats: int = 4, num_frames: int = 16,
-                          stride: int = 4, crop_size: int = 224, **options) -> VideoLoader:
-    """MAE-ST pretraining: R views per decoded clip, random resized crop (scale 0.5-1, aspect 3/4-4/3), flip.
-    options: target_fps, per_view_start, scale, ratio, flip (ViewSpec) and any LoaderConfig field."""
-    spec_fields = {k: options.pop(k) for k in ("target_fps", "per_view_start", "scale", "ratio", "flip")
-                   if k in options}
-    spec = ViewSpec(num_frames=num_frames, stride=stride, repeats=repeats, crop_size=crop_size, **spec_fields)
-    return VideoLoader(LoaderConfig(shards_dir, TrainViews(spec), batch_size=batch_size, **options))
+def _view_fields(options: dict) -> dict:
+    """The ViewSpec fields among `options`, taken out of it (the rest are LoaderConfig's)."""
+    names = {f.name for f in dataclasses.fields(ViewSpec)}
+    return {k: options.pop(k) for k in list(options) if k in names}
 
 
-def build_finetune_loader(shards_dir: str, batch_size: int = 8, repeats: int = 2, rand_augment=(2, 7),
-                          scale=(0.08, 1.0), **options) -> VideoLoader:
-    """Fine-tuning: random resized crop scale 0.08-1, flip, RandAugment (DALI's, on the GPU, the same op for every
-    frame of a view), repeated augmentation 2. Mixup, cutmix and random erasing act on whole batches and run in
-    torch on the device after the loader (trainer/)."""
-    return build_pretrain_loader(shards_dir, batch_size=batch_size, repeats=repeats, scale=scale,
-                                 rand_augment=rand_augment, **options)
+def build_pretrain_loader(shards_dir: str, **options) -> VideoLoader:
+    """Training views (TrainViews: R views per decoded clip, each its own random resized crop and flip) from any
+    ViewSpec field (num_frames, stride, repeats, crop_size, scale, ...) and any LoaderConfig field (batch_size,
+    rand_augment, ...); what is not given is their default (the paper's pretraining views)."""
+    spec = ViewSpec(**_view_fields(options))
+    return VideoLoader(LoaderConfig(shards_dir, TrainViews(spec), **options))
 
 
-def build_eval_loader(shards_dir: str, batch_size: int = 1, num_clips: int = 7, num_crops: int = 3,
-                      num_frames: int = 16, stride: int = 4, crop_size: int = 224, target_fps=30.0,
-                      split: str = "val", **options) -> VideoLoader:
-    """Multi-view testing: num_clips temporal clips spread over each video x num_crops square crops along its long
-    side (the short side resized to crop_size); deterministic; every video exactly once."""
-    spec = ViewSpec(num_frames=num_frames, stride=stride, target_fps=target_fps, repeats=1, crop_size=crop_size,
-                    flip=False)
-    return VideoLoader(LoaderConfig(shards_dir, EvalViews(spec, num_clips, num_crops), split=split,
-                                    batch_size=batch_size, **options))
+def build_eval_loader(shards_dir: str, clips: int | None = None, crops: int | None = None, split: str = "val",
+                      **options) -> VideoLoader:
+    """Multi-view testing (EvalViews): clips temporal clips spread over each video x crops square crops along its
+    long side (the short side resized to the crop size); deterministic; every video exactly once. ViewSpec and
+    LoaderConfig fields as in build_pretrain_loader; a view is one clip, unflipped."""
+    spec = ViewSpec(**{"repeats": 1, "flip": False, **_view_fields(options)})
+    counts = {name: n for name, n in (("clips", clips), ("crops", crops)) if n is not None}
+    return VideoLoader(LoaderConfig(shards_dir, EvalViews(spec, **counts), split=split, **options))

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dali_pipes import checks
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -32,10 +34,18 @@ class ViewSpec:
     flip: bool = True
 
     def __post_init__(self):
-        if self.num_frames < 1 or self.stride < 1 or self.repeats < 1 or self.crop_size < 1:
-            raise ValueError(f"num_frames, stride, repeats and crop_size must be positive: {self}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {tuple(SAMPLINGS)}, not {self.sampling!r}")
+        checks.refuse("view options", self.problems())
+
+    def problems(self) -> list[str]:
+        return checks.problems(self, {
+            **{name: (checks.integer(1), "an integer >= 1") for name in ("num_frames", "stride", "repeats",
+                                                                         "crop_size")},
+            "sampling": (lambda v: v in SAMPLINGS, " or ".join(SAMPLINGS)),
+            "target_fps": (checks.optional(checks.number(above=0)), "a number > 0, or None (the video's own rate)"),
+            "scale": (checks.pair(checks.number(above=0, high=1)), "(low, high) area fractions, 0 < low <= high <= 1"),
+            "ratio": (checks.pair(checks.number(above=0)), "(low, high) aspect ratios, 0 < low <= high"),
+            **{name: (checks.boolean, "True or False") for name in ("per_view_start", "flip")},
+        })
 
 
 # Resampling a crop down by more than this aliases visibly (fine textures turn to moire): filter first. Crops of
@@ -245,8 +255,8 @@ class EvalViews:
     shared_frames = False
 
     def __post_init__(self):
-        if self.clips < 1 or self.crops < 1:
-            raise ValueError(f"num_clips and num_crops must be at least 1, got {self.clips} and {self.crops}")
+        checks.refuse("evaluation views", checks.problems(self, {name: (checks.integer(1), "an integer >= 1")
+                                                                  for name in ("clips", "crops")}))
 
     @property
     def views_per_clip(self) -> int:

@@ -1,6 +1,6 @@
 """MAE-ST video ViTs: the pretraining model, the classifier, official-checkpoint interop and compute counts."""
 
-from models.checkpoints import checkpoint_layout, export_state_dict, load_pretrained, to_container
+from models.checkpoints import checkpoint_layout, load_pretrained, to_container
 from models.classifier import VideoClassifier, build_classifier
 from models.config import MODEL_SIZES, ClassifierConfig, MAEConfig, VideoViTConfig
 from models.flops import classifier_macs, pretrain_macs
@@ -8,6 +8,6 @@ from models.mae import MaskedAutoencoder, build_pretrain_model
 
 __all__ = [
     "MODEL_SIZES", "ClassifierConfig", "MAEConfig", "MaskedAutoencoder", "VideoClassifier", "VideoViTConfig",
-    "build_classifier", "build_pretrain_model", "classifier_macs", "export_state_dict", "load_pretrained",
+    "build_classifier", "build_pretrain_model", "classifier_macs", "load_pretrained",
     "pretrain_macs", "to_container", "checkpoint_layout",
 ]

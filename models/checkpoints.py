@@ -25,6 +25,7 @@ from models.config import MAE_ST_LAYOUT, SLOWFAST_LAYOUT
 from models.mae import MaskedAutoencoder
 
 FORMATS = ("ours", "mae_st", "slowfast")
+CONTAINER_KEYS = {"ours": "model", "mae_st": "model", "slowfast": "model_state"}  # where each format's file keeps it
 PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token")  # tensors the classifier has no use for
 HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -61,7 +62,7 @@ def read_state_dict(source) -> tuple[dict, str]:
         obj = _torch_load(source)
     else:
         obj = source
-    for wrapper in ("model_state", "model", "module", "state_dict"):
+    for wrapper in (*dict.fromkeys(CONTAINER_KEYS.values()), "module", "state_dict"):  # and other trainers' keys
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
@@ -286,13 +287,7 @@ def load_pretrained(model, source) -> LoadReport:
 # --- writing --------------------------------------------------------------------------------------------------------
 
 
-def export_state_dict(model, fmt: str = "mae_st") -> dict:
-    """The model's weights as fp32 CPU tensors in an official format."""
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    return from_ours(state, fmt)
-
-
 def to_container(state: Mapping, fmt: str = "mae_st", **extra) -> dict:
     """An already-converted state dict in the dict its format's files hold (with extra entries, e.g. epoch), ready
     for torch.save."""
-    return {{"mae_st": "model", "slowfast": "model_state", "ours": "model"}[fmt]: dict(state), **extra}
+    return {CONTAINER_KEYS[fmt]: dict(state), **extra}

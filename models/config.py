@@ -4,13 +4,13 @@ Field names follow facebookresearch/mae_st's constructors (img_size, patch_size,
 `build_pretrain_model("vit_l", num_frames=32)` reads like the official code. The three `decoder_*`/`target_frames`
 options are how the two official releases (mae_st and SlowFast's MaskMViT) differ; defaults follow mae_st.
 
-Every config checks its options when it is made (and again on `with_options`): all problems of one config are
-reported together in one ValueError, before anything is built.
+Every config checks its options when it is made (and again on dataclasses.replace): all problems of one config
+are reported together in one ValueError, before anything is built.
 """
 
 import math
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 # width / depth / heads of ViT-B/L/H as in the MAE-ST paper (Feichtenhofer et al., arXiv 2205.09113) and the
 # facebookresearch/mae_st model factories; the tiny size is for tests and the demo.
@@ -248,8 +248,3 @@ def resolve_config(cls, name: str, **overrides):
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for {cls.__name__}; options are {sorted(known)}")
     return cls(**{**preset, **overrides})
-
-
-def with_options(config, **changes):
-    """A copy of a frozen config with some fields changed (validation runs again)."""
-    return replace(config, **changes)

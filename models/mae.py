@@ -31,6 +31,12 @@ def decoder_tables(cfg: MAEConfig) -> dict:
     return tables
 
 
+def patch_statistics(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and standard deviation ([..., 1] each) as the normalized-pixel loss takes them: the unbiased
+    variance plus 1e-6 (mae_st's and SlowFast's norm_pix_loss)."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+
+
 class MaskedAutoencoder(VideoViT):
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)
@@ -110,8 +116,8 @@ class MaskedAutoencoder(VideoViT):
         """[N, L, P] fp32 targets: each patch normalized by its own mean and (unbiased) variance if norm_pix_loss."""
         target = self.patchify(videos.float())
         if self.cfg.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = patch_statistics(target)
+            target = (target - mean) / std
         return target
 
     def forward(self, videos: torch.Tensor, mask_ratio: float = 0.9, noise=None, mask_repeats: int = 1):

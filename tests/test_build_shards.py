@@ -222,7 +222,9 @@ def test_kill_and_rerun_finishes_without_duplicates(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:
         time.sleep(0.02)
-    workers = {pid: sigterm_ignored_or_blocked(pid) for pid in running(cmd) if pid != proc.pid}
+    first = set(running(cmd)) - {proc.pid}
+    time.sleep(0.3)  # (a worker seen the moment it was forked has not run its initializer yet)
+    workers = {pid: sigterm_ignored_or_blocked(pid) for pid in set(running(cmd)) & first}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = len(list(out.glob("train-*.tar")))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_classifier, build_pretrain_model, checkpoint_layout, export_state_dict, load_pretrained
+from models import build_classifier, build_pretrain_model, checkpoint_layout, load_pretrained
 from trainer.checkpointing import write_checkpoint
 from models.checkpoints import CheckpointMismatchError, from_ours, read_state_dict, to_ours
 from models.config import SLOWFAST_LAYOUT
@@ -26,6 +26,11 @@ MANIFESTS = pathlib.Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 ALL = [f"{release}_{kind}_vit_{size}" for release, kinds in (("mae_st", ("pretrain", "finetune")),
                                                              ("slowfast", ("pt", "ft")))
        for kind in kinds for size in "blh"]
+
+
+def in_format(model, fmt: str) -> dict:
+    """A model's weights as a file of `fmt` holds them."""
+    return from_ours(model.state_dict(), fmt)
 
 
 def manifest(name):
@@ -136,7 +141,7 @@ def test_round_trip_through_a_file_gives_identical_outputs(tmp_path, fmt, layout
     torch.manual_seed(0)
     model = build_pretrain_model("vit_tiny", **layout).eval()
     path = tmp_path / "ckpt.pth"
-    write_checkpoint(export_state_dict(model, fmt), str(path), fmt, epoch=3)
+    write_checkpoint(in_format(model, fmt), str(path), fmt, epoch=3)
     assert list(torch.load(path, weights_only=True))[0] == {"slowfast": "model_state"}.get(fmt, "model")
     torch.manual_seed(1)
     if layout:  # a model of the other layout is refused, with how to build the right one
@@ -155,7 +160,7 @@ def test_classifier_takes_the_pretrained_encoder_and_a_fresh_head():
     mae = build_pretrain_model("vit_tiny")
     clf = build_classifier("vit_tiny", num_classes=5)
     head_before = clf.head.weight.clone()
-    report = load_pretrained(clf, {"model": export_state_dict(mae, "mae_st")})
+    report = load_pretrained(clf, {"model": in_format(mae, "mae_st")})
     assert report.fresh == ["head.weight", "head.bias"]
     assert "decoder_pred.weight" in report.ignored and "mask_token" in report.ignored
     assert torch.equal(clf.blocks[1].mlp.fc2.weight, mae.blocks[1].mlp.fc2.weight)
@@ -164,13 +169,13 @@ def test_classifier_takes_the_pretrained_encoder_and_a_fresh_head():
     assert "freshly initialized: head.weight, head.bias" in str(report)
     # a fine-tuned file with a head of the right size keeps it
     other = build_classifier("vit_tiny", num_classes=5)
-    assert load_pretrained(other, {"model_state": export_state_dict(clf, "slowfast")}).fresh == []
+    assert load_pretrained(other, {"model_state": in_format(clf, "slowfast")}).fresh == []
     assert torch.equal(other.head.weight, clf.head.weight)
 
 
 def test_mismatches_are_errors_that_name_the_keys():
     torch.manual_seed(0)
-    state = export_state_dict(build_pretrain_model("vit_tiny"), "mae_st")
+    state = in_format(build_pretrain_model("vit_tiny"), "mae_st")
     with pytest.raises(CheckpointMismatchError, match=r"patch_embed.proj.weight: checkpoint \[64, 3, 2, 8, 8\]"):
         load_pretrained(build_pretrain_model("vit_tiny", patch_size=4), {"model": state})
     with pytest.raises(CheckpointMismatchError, match="build the model with these overrides"):
@@ -178,7 +183,7 @@ def test_mismatches_are_errors_that_name_the_keys():
     del state["blocks.1.mlp.fc1.bias"]
     with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint \(1\): blocks.1.mlp.fc1.bias"):
         load_pretrained(build_pretrain_model("vit_tiny"), {"model": state})
-    finetuned = export_state_dict(build_classifier("vit_tiny"), "mae_st")
+    finetuned = in_format(build_classifier("vit_tiny"), "mae_st")
     with pytest.raises(CheckpointMismatchError, match="no MAE decoder"):
         load_pretrained(build_pretrain_model("vit_tiny"), finetuned)
     with pytest.raises(ValueError, match="not an MAE-ST video ViT checkpoint"):
@@ -211,7 +216,7 @@ def test_converter_cli(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = build_pretrain_model("vit_tiny", **SLOWFAST_LAYOUT)
-    write_checkpoint(export_state_dict(model, "slowfast"), str(tmp_path / "sf.pyth"), "slowfast")
+    write_checkpoint(in_format(model, "slowfast"), str(tmp_path / "sf.pyth"), "slowfast")
     assert main([str(tmp_path / "sf.pyth"), str(tmp_path / "enc.pth"), "--to", "mae_st", "--encoder-only"]) == 0
     assert "slowfast format" in capsys.readouterr().out
     encoder, fmt = read_state_dict(str(tmp_path / "enc.pth"))
@@ -223,7 +228,7 @@ def test_converter_cli(tmp_path, capsys):
     assert main([str(tmp_path / "sf.pyth"), str(tmp_path / "x.pth"), "--to", "mae_st"]) == 2
     assert "converts whole only to its own layout's format (slowfast, or ours)" in capsys.readouterr().err
     # nor an mae_st-layout one (this project's pretraining runs) in SlowFast's: its encoder converts
-    write_checkpoint(export_state_dict(build_pretrain_model("vit_tiny"), "mae_st"), str(tmp_path / "ours.pth"),
+    write_checkpoint(in_format(build_pretrain_model("vit_tiny"), "mae_st"), str(tmp_path / "ours.pth"),
                      "mae_st")
     assert main([str(tmp_path / "ours.pth"), str(tmp_path / "x.pyth"), "--to", "slowfast"]) == 2
     assert "--encoder-only" in capsys.readouterr().err

@@ -120,5 +120,5 @@ def test_pretrained_refuses_what_it_cannot_load(tmp_path, monkeypatch, capsys):
     shards = make_shards(tmp_path, n=4, frames=40)
     args = ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", shards,
             "--output", str(tmp_path / "run"), "--pretrained", str(bad), "eval_split=train"]
-    assert finetune.main(finetune.Finetuning(), args) == 2
+    assert finetune.main(finetune.Finetuning, args) == 2
     assert "not an MAE-ST video ViT checkpoint" in capsys.readouterr().err

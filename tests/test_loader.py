@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_shards, read_index, write_video
-from dali_pipes import build_eval_loader, build_finetune_loader, build_pretrain_loader
+from dali_pipes import build_eval_loader, build_pretrain_loader
 from dali_pipes.decoders import choose_route
 from dali_pipes.decoders.base import HostDecoder
 from dali_pipes.shard_format import pack_info
@@ -91,7 +91,7 @@ def test_each_sample_once_per_epoch_across_two_ranks(vp9_shards):
     for _ in range(2):  # two epochs, each a fresh order
         labels = [torch.cat([b["label"] for b in loader]).tolist() for loader in ranks]
         assert sorted(labels[0] + labels[1]) == list(range(12))
-    eval_ranks = [build_eval_loader(vp9_shards, split="train", batch_size=5, num_clips=1, num_crops=1, crop_size=16,
+    eval_ranks = [build_eval_loader(vp9_shards, split="train", batch_size=5, clips=1, crops=1, crop_size=16,
                                     num_frames=2, rank=r, world_size=2) for r in range(2)]
     labels = [torch.cat([b["label"][b["video_index"] >= 0] for b in loader]).tolist() for loader in eval_ranks]
     assert sorted(labels[0] + labels[1]) == list(range(12))  # the padding of the last batch is marked -1
@@ -263,7 +263,7 @@ def test_a_corrupt_video_is_skipped_logged_and_counted(tmp_path, caplog):
 def test_eval_views_positions(tmp_path):
     """192x64 frames, a brightness ramp left to right: crops come out left, centre, right; clips spread in time."""
     shards = make_shards(tmp_path, n=2, frames=90, width=192, height=64, texture="gradient", split="val")
-    loader = build_eval_loader(shards, batch_size=2, num_clips=3, num_crops=3, num_frames=4, stride=4, crop_size=64)
+    loader = build_eval_loader(shards, batch_size=2, clips=3, crops=3, num_frames=4, stride=4, crop_size=64)
     batch = next(iter(loader))
     assert batch["video"].shape == (18, 3, 4, 64, 64) and batch["video_index"].tolist() == [0] * 9 + [1] * 9
     views = pixels(batch["video"][:9])
@@ -274,7 +274,8 @@ def test_eval_views_positions(tmp_path):
 
 
 def test_finetune_loader_with_rand_augment(vp9_shards):
-    loader = build_finetune_loader(vp9_shards, batch_size=2, num_frames=4, crop_size=24)
+    loader = build_pretrain_loader(vp9_shards, batch_size=2, repeats=2, num_frames=4, crop_size=24, scale=(0.08, 1.0),
+                                   rand_augment=(2, 7))
     batch = next(iter(loader))
     assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.config.views.spec.scale == (0.08, 1.0)
 
@@ -352,7 +353,7 @@ def test_downscaled_crops_are_antialiased(tmp_path, monkeypatch):
         "samples": 1, "codecs": {"vp9": 1}, "shards": [{"tar": "val-000000.tar", "index": "val-000000.idx"}]}}}))
 
     def contrast():
-        loader = build_eval_loader(str(out), batch_size=1, num_clips=1, num_crops=1, num_frames=2, crop_size=48)
+        loader = build_eval_loader(str(out), batch_size=1, clips=1, crops=1, num_frames=2, crop_size=48)
         return pixels(next(iter(loader))["video"])[0].astype(float).std()
 
     filtered = contrast()

@@ -1,11 +1,13 @@
 """The MAE-ST pretraining model and the classifier on tiny sizes (CPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from models import build_classifier, build_pretrain_model
 from models.attention import attention
-from models.config import SLOWFAST_LAYOUT, MAEConfig, resolve_config, with_options
+from models.config import SLOWFAST_LAYOUT, MAEConfig, resolve_config
 
 
 def tiny(**overrides):
@@ -221,7 +223,7 @@ def test_all_problems_of_a_config_in_one_message():
         "pred_t_dim=3 must be a multiple of the 4 temporal token slots and at most num_frames=8 (choose one of 4, 8)")
     cfg = resolve_config(MAEConfig, "vit_tiny")
     with pytest.raises(ValueError, match=r"decoder_depth=0 \(must be an integer >= 1\)"):
-        with_options(cfg, decoder_depth=0)  # changed copies are checked again
+        dataclasses.replace(cfg, decoder_depth=0)  # changed copies are checked again
 
 
 def test_valid_edge_options_still_build():

@@ -170,7 +170,9 @@ def test_the_memory_plan_recomputes_only_when_it_must():
     assert small.grad_checkpointing and "recomputing blocks" in note
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_recompute(cfg, recipe, config, BatchPlan(64, 1, 8), 4, capacity=24 * GB)
-    by_hand = dataclasses.replace(FINETUNE_RECIPES["k400_VIT_H_16x4_FT"], model_options={"grad_checkpointing": True})
+    fine_tuning = FINETUNE_RECIPES["k400_VIT_H_16x4_FT"]
+    by_hand = dataclasses.replace(fine_tuning, model=dataclasses.replace(fine_tuning.model,
+                                                                         options={"grad_checkpointing": True}))
     forced, note = plan_recompute(cfg, by_hand, config, batch, 2, capacity=80 * GB)
     assert "set by the recipe" in note
     cpu, note = plan_recompute(resolve_config(ClassifierConfig, "vit_b"), FINETUNE_RECIPES["k400_VIT_B_16x4_FT"],
@@ -199,7 +201,8 @@ def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeyp
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                                 "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    recipe = dataclasses.replace(PRETRAIN_RECIPES["k400_VIT_B_16x4_MAE_PT"], batch_size=None)
+    paper = PRETRAIN_RECIPES["k400_VIT_B_16x4_MAE_PT"]
+    recipe = dataclasses.replace(paper, optim=dataclasses.replace(paper.optim, batch_size=None))
     config = read_ds_config(str(bare), recipe).for_deepspeed(recipe, plan_batch(None, 2, 1, 2))
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -22,7 +22,7 @@ from trainer.recipes import PRETRAIN_RECIPES, resolve_recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "trainer", "pretrain.py")
 TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.pred_t_dim=2",
-        "model.depth=2", "model.embed_dim=64", "model.decoder_depth=1", "loader_threads=1", "image_every=4"]
+        "model.depth=2", "model.embed_dim=64", "model.decoder_depth=1", "num_threads=1", "image_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def test_a_preempted_run_checkpoints_where_all_ranks_agree_and_resumes_with_the_
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
-def _nan_at_step_3(self, engine, batch, recipe):
-    loss, outputs = original_loss(self, engine, batch, recipe)
+def _nan_at_step_3(self, engine, batch):
+    loss, outputs = original_loss(self, engine, batch)
     if engine.global_steps == 2:
         loss = loss * float("nan")
     return loss, outputs
@@ -196,7 +196,7 @@ def test_guard_stops_on_a_nan_and_keeps_the_last_good_checkpoint(shards, tmp_pat
     out = str(tmp_path / "run")
     args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
             "checkpoint_every=1", "--max-steps", "6"]
-    assert pretrain.main(pretrain.Pretraining(), args) == 3
+    assert pretrain.main(pretrain.Pretraining, args) == 3
     assert "stopping at step 3: the loss is nan" in caplog.text
     assert open(os.path.join(out, "checkpoints", "latest")).read() == "step00000002"
     assert not os.path.exists(os.path.join(out, "checkpoints", "step00000003"))
@@ -215,8 +215,8 @@ def test_loss_guard_rules():
     assert "jumped" in resumed.check(10.0)
 
 
-def _jump_at_step_4(self, engine, batch, recipe):
-    loss, outputs = original_loss(self, engine, batch, recipe)
+def _jump_at_step_4(self, engine, batch):
+    loss, outputs = original_loss(self, engine, batch)
     return (loss * 1e6 if engine.global_steps == 3 else loss), outputs
 
 
@@ -237,7 +237,7 @@ def test_a_resumed_run_is_guarded_from_its_first_step(shards, tmp_path, monkeypa
 def test_a_restart_with_other_overrides_says_what_changed_and_refuses_what_breaks_continuation(shards, tmp_path,
                                                                                               monkeypatch, caplog):
     """Resuming with blr=0.5 repeats=1 used to continue silently and overwrite config.json."""
-    from trainer.run import prepare
+    from trainer.cli import prepare
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "run")
@@ -246,22 +246,24 @@ def test_a_restart_with_other_overrides_says_what_changed_and_refuses_what_break
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "2"]) == 0
     with pytest.raises(ValueError) as err:
         prepare(pretrain.Pretraining, [*args, "--max-steps", "3", "blr=0.5", "repeats=1", "log_every=1"])
-    assert "checkpointed at step 2 with another recipe (blr 0.015 -> 0.5, repeats 2 -> 1)" in str(err.value)
+    assert "checkpointed at step 2 with another recipe (optim.blr 0.015 -> 0.5, views.repeats 2 -> 1)" in str(err.value)
     assert "--allow-changes" in str(err.value)  # (log_every changes no result: not listed)
     prepare(pretrain.Pretraining, [*args, "--max-steps", "3", "log_every=1"])  # bookkeeping may change
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "3", "blr=0.5", "--allow-changes"]) == 0
-    assert "resuming with recipe changes (logged in RUN_DIR/configs/): blr 0.015 -> 0.5" in caplog.text
+    assert "resuming with recipe changes (logged in RUN_DIR/configs/): optim.blr 0.015 -> 0.5" in caplog.text
     starts = sorted(os.listdir(os.path.join(out, "configs")))
     assert starts == ["start001.json", "start002.json"]
-    assert [json.load(open(os.path.join(out, "configs", name)))["recipe"]["blr"] for name in starts] == [0.015, 0.5]
+    assert [json.load(open(os.path.join(out, "configs", name)))["recipe"]["optim"]["blr"] for name in starts] == [
+        0.015, 0.5]
 
 
 def test_overrides_take_the_fields_declared_types():
     """epochs=2.5 and warmup_epochs=0.01 were refused as "expected a int": typed by the default's literal."""
     recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_B_16x4_MAE_PT", [
         "epochs=2.5", "warmup_epochs=0.01", "target_fps=None", "batch_size=None", "betas=[0.9, 0.99]", "seed=3"])
-    assert (recipe.epochs, recipe.warmup_epochs, recipe.target_fps, recipe.batch_size) == (2.5, 0.01, None, None)
-    assert recipe.betas == (0.9, 0.99) and recipe.seed == 3
+    assert (recipe.optim.epochs, recipe.optim.warmup_epochs, recipe.views.target_fps, recipe.optim.batch_size) == (
+        2.5, 0.01, None, None)
+    assert recipe.optim.betas == (0.9, 0.99) and recipe.run.seed == 3
     with pytest.raises(ValueError) as err:
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=2.5", "epochs=many", "nope=1"])
     message = str(err.value)  # every bad override at once
@@ -307,15 +309,16 @@ def test_shipped_ds_configs_fit_the_recipes_on_any_world_they_divide():
         recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_H_16x4_MAE_PT" if name != "cpu" else "demo_PT", [])
         config = read_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json"), recipe)
         for world in (1, 8, 16, 64):  # one GPU, one node, two nodes (the README's launchers), the paper's 64
-            plan = plan_batch(recipe.batch_size, config.micro_batch, world, config.accumulation)
-            assert plan.clips_per_step == (recipe.batch_size or config.micro_batch * config.accumulation * world)
+            plan = plan_batch(recipe.optim.batch_size, config.micro_batch, world, config.accumulation)
+            assert plan.clips_per_step == (recipe.optim.batch_size or config.micro_batch * config.accumulation * world)
 
 
 def test_recipe_overrides_and_schedule():
     recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_B_16x4_MAE_PT",
                             ["blr=1e-3", "epochs=10", "decoder=pyav", "model.drop_path_rate=0.1", "betas=(0.9, 0.99)"])
-    assert (recipe.blr, recipe.epochs, recipe.decoder, recipe.betas) == (1e-3, 10.0, "pyav", (0.9, 0.99))
-    assert recipe.model_options == {"norm_pix_loss": True, "drop_path_rate": 0.1}
+    assert (recipe.optim.blr, recipe.optim.epochs, recipe.loading.decoder, recipe.optim.betas) == (1e-3, 10.0, "pyav",
+                                                                                                  (0.9, 0.99))
+    assert recipe.model.options == {"norm_pix_loss": True, "drop_path_rate": 0.1}
     with pytest.raises(ValueError, match="unknown recipe field 'lr_peak'"):
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr_peak=1"])
     with pytest.raises(ValueError, match=r"repeats='two' \(must be int\)"):

@@ -83,7 +83,8 @@ def test_the_ssv2_recipes_never_flip():
 
     for name in ("ssv2_VIT_B_16x2_FT", "ssv2_VIT_L_16x2_FT", "demo_ssv2_FT"):
         recipe = FINETUNE_RECIPES[name]
-        assert not recipe.flip and recipe.sampling == "segments" and (recipe.eval_clips, recipe.eval_crops) == (2, 3)
+        assert not recipe.views.flip and recipe.views.sampling == "segments"
+        assert (recipe.evaluation.eval_clips, recipe.evaluation.eval_crops) == (2, 3)
     env = type("Env", (), {"rank": 0, "world_size": 1, "local_world_size": 1, "device": "cpu"})()
     config = loader_config(FINETUNE_RECIPES["demo_ssv2_FT"], "unused", env, 4, torch.float32)
     assert config.views.spec.flip is False and config.views.spec.sampling == "segments"

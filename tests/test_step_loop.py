@@ -12,11 +12,11 @@ import torch
 from conftest import make_shards, process_env
 from trainer import host_readback, pretrain
 from trainer.build_locks import remove_stale_build_locks
-from trainer.run import prepare
+from trainer.cli import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.pred_t_dim=2",
-        "model.depth=2", "model.embed_dim=64", "model.decoder_depth=1", "loader_threads=1"]
+        "model.depth=2", "model.embed_dim=64", "model.decoder_depth=1", "num_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
     ft = tmp_path / "ft"
     args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_FT", "--data", shards, "--output", str(ft),
             "crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.depth=2",
-            "model.embed_dim=64", "loader_threads=1", "eval_split=train", "eval_clips=1", "eval_crops=1",
+            "model.embed_dim=64", "num_threads=1", "eval_split=train", "eval_clips=1", "eval_crops=1",
             "--max-steps", "4", "eval_every=0", "log_every=0", "checkpoint_every=0"]
     assert finetune.main(finetune.Finetuning, args) == 0
     assert os.path.exists(ft / "eval.json")  # the final test still runs
@@ -88,7 +88,7 @@ def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override,named", [
     ("model.depth=-1", "depth"), ("repeats=0", "repeats"), ("crop_size=0", "crop_size"), ("stride=-4", "stride"),
-    ("loader_threads=0", "loader_threads"), ("batch_size=0", "batch_size"), ("image_every=-1", "image_every"),
+    ("num_threads=0", "num_threads"), ("batch_size=0", "batch_size"), ("image_every=-1", "image_every"),
     ("checkpoint_every=2.5", "checkpoint_every"), ("mask_ratio=1.0", "mask_ratio"), ("decoder=nvdec", "decoder"),
     ("num_frames=0", "num_frames"), ("scale=(0.9, 0.5)", "scale"),
 ])

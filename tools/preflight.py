@@ -97,14 +97,14 @@ def main(argv=None) -> int:
     from tools.checks.ranks import Ranks
     from trainer.ds_config import plan_batch, read_ds_config
     from trainer.engine import init_distributed
-    from trainer.run import resolve
+    from trainer.cli import resolve
 
     args = parse_args(argv)
     results = [guarded("versions", environment.check_versions)]
     try:  # what the trainer refuses before starting anything: nothing else can be checked without it
         task_type = task_for(args.recipe)
-        task, recipe, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
-        manifest = read_manifest(args.data)
+        task, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
+        recipe, manifest = task.recipe, read_manifest(args.data)
     except (ValueError, TypeError, FileNotFoundError) as err:
         results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
         return write_report(results, "preflight stopped before starting any process", os.path.join(
@@ -120,25 +120,25 @@ def main(argv=None) -> int:
                              "launcher table); NCCL_DEBUG=INFO shows the network NCCL tries"))
         return write_report(results, "preflight stopped: this process could not join the job", None)
     ranks = Ranks(env.rank, env.world_size, 2 * args.timeout)
-    views = task.views_per_clip(recipe)
+    views = task.views_per_clip()
     results.append(guarded("shared folder", environment.check_shared_folder, args.output, env.rank, env.world_size))
     results.append(guarded("all-reduce", environment.check_network, env.device, ranks, nccl_log))
     route = None
     try:
-        formats = open_shard_set(args.data, recipe.split, recipe.skip_damaged_shards).formats
-        route = choose_route(recipe.decoder, formats, gpu_capability(env.device))
+        formats = open_shard_set(args.data, recipe.loading.split, recipe.loading.skip_damaged_shards).formats
+        route = choose_route(recipe.loading.decoder, formats, gpu_capability(env.device))
         results += decoding.check_decoders(route, formats, env.device)
     except (ValueError, FileNotFoundError) as err:
         results.append(Check("decoders", FAIL, str(err), "choose another decoder=, or rebuild the shards"))
     ds_config = batch = None
     try:
         ds_config = read_ds_config(args.ds_config, recipe)
-        batch = plan_batch(recipe.batch_size, ds_config.micro_batch, env.world_size, ds_config.accumulation)
+        batch = plan_batch(recipe.optim.batch_size, ds_config.micro_batch, env.world_size, ds_config.accumulation)
     except ValueError as err:
         results.append(Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config or the recipe as "
                              "it says"))
     if batch:
-        pixels = manifest["splits"].get(recipe.split, {}).get("pixels_median")
+        pixels = manifest["splits"].get(recipe.loading.split, {}).get("pixels_median")
         results.append(guarded("attention", model.check_attention, model_cfg, env.device, ds_config.dtype))
         results.append(guarded("memory", model.check_memory, model_cfg, recipe, ds_config, batch, env.device, views,
                                pixels))
@@ -147,14 +147,14 @@ def main(argv=None) -> int:
     if failing == [] and batch:
         run_args = argparse.Namespace(ds_config=args.ds_config, recipe=args.recipe, data=args.data,
                                       output=args.output, max_steps=None)
-        timed = guarded("timed run", timed_run.check_timed_run, task, run_args, recipe, model_cfg, env, args.steps,
-                        batch, ds_config.dtype)
+        timed = guarded("timed run", timed_run.check_timed_run, task, run_args, model_cfg, env, args.steps, batch,
+                        ds_config.dtype)
     else:
         where = "some rank did not answer" if failing is None else f"a check failed on ranks {failing[:16]}"
         timed = Check("timed run", SKIP, f"not run: {where}")
     results.append(timed)
     if route is not None:
-        shards = guarded("shards", decoding.check_shards, args.data, recipe.split, route, env.device,
+        shards = guarded("shards", decoding.check_shards, args.data, recipe.loading.split, route, env.device,
                          timed.figures.get("views_per_s_per_gpu"), views)
         results.insert(4, shards)
     folder = os.path.join(args.output, RANK_REPORTS)

@@ -59,11 +59,16 @@ class ResumePlan:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, env, keep: int):
+    def __init__(self, run_dir: str, env, keep: int, every: int = 0):
+        """keep: how many of the newest checkpoints stay; every: optimizer steps between them (0: at the end only)."""
         self.dir = os.path.join(run_dir, "checkpoints")
-        self.env, self.keep = env, keep
+        self.env, self.keep, self.every = env, keep, every
         self.run_facts = {}  # what every checkpoint's meta.json records of the run (its global batch, schedule)
         os.makedirs(self.dir, exist_ok=True)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether a checkpoint falls on this step (the last one is written by whoever ends the run)."""
+        return bool(self.every) and step % self.every == 0 and step < last_step
 
     def latest(self) -> str | None:
         path = os.path.join(self.dir, "latest")

@@ -66,7 +66,7 @@ class DsConfig:
     def for_deepspeed(self, recipe, plan: "BatchPlan") -> dict:
         """The config DeepSpeed gets: this file with the recipe's clipping and the run's accumulation."""
         config = {**self.settings, "train_micro_batch_size_per_gpu": plan.micro_batch,
-                  "gradient_accumulation_steps": plan.accumulation, "gradient_clipping": recipe.clip_grad,
+                  "gradient_accumulation_steps": plan.accumulation, "gradient_clipping": recipe.optim.clip_grad,
                   "zero_allow_untested_optimizer": True, "steps_per_print": self.settings.get("steps_per_print", 10**9)}
         if self.bf16 and plan.accumulation > 1 and not self.fp32_accumulation:
             # bf16 keeps 8 bits of mantissa: summing many micro-batches' gradients in it loses their small parts
@@ -95,9 +95,9 @@ def read_ds_config(path: str, recipe) -> DsConfig:
         problems.append("fp16 is not supported: enable bf16 instead (or neither, for fp32)")
     if settings.get("zero_optimization", {}).get("stage", 0) < 1:
         problems.append("use ZeRO stage 1, 2 or 3: the fp32 export reads ZeRO's fp32 master weights")
-    if "gradient_clipping" in settings and settings["gradient_clipping"] != recipe.clip_grad:
+    if "gradient_clipping" in settings and settings["gradient_clipping"] != recipe.optim.clip_grad:
         problems.append(f"gradient_clipping is {settings['gradient_clipping']} here but clip_grad is "
-                        f"{recipe.clip_grad} in the recipe: remove it from the ds_config, or override clip_grad=...")
+                        f"{recipe.optim.clip_grad} in the recipe: remove it from the ds_config, or override clip_grad=...")
     for name in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = settings.get(name, 1)
         if type(value) is not int or value < 1:

@@ -1,12 +1,20 @@
 """Kinetics-style testing: every video seen as K temporal clips x 3 crops, the softmax averaged over its views,
-top-1 / top-5 and per-class accuracy over all ranks."""
+top-1 / top-5 and per-class accuracy over all ranks; and the hook that validates every so many epochs."""
 
 import csv
 import json
 import os
 
+import logging
+
 import torch
 import torch.distributed as dist
+
+from dali_pipes import VideoLoader
+from trainer.data import eval_config
+from trainer.task import Hook
+
+log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
@@ -61,3 +69,51 @@ def write_report(report: dict, run_dir: str, views: str) -> str:
         for name, row in sorted(report["per_class"].items()):
             writer.writerow([name, row["videos"], row["top1"]])
     return f"top1: {report['top1']:.2f}  top5: {report['top5']:.2f}  ({report['videos']} videos, {views} views)"
+
+
+class Validation(Hook):
+    """The model's multi-view accuracy on the test split: a quick single-view one every `every` epochs (0: never;
+    TensorBoard eval/top1_single_view), and the full clips x crops test at the end (final_test). Every rank takes
+    part (each tests its own part of the videos)."""
+
+    def __init__(self, model, train_config, evaluation, class_names: dict, monitor):
+        self.model, self.train_config, self.evaluation = model, train_config, evaluation
+        self.class_names, self.monitor = class_names, monitor
+        self._loaders = {}  # (clips, crops) -> its loader, made on first use
+
+    def test(self, clips: int, crops: int) -> dict:
+        key = (clips, crops)
+        if key not in self._loaders:
+            self._loaders[key] = VideoLoader(eval_config(self.train_config, self.evaluation.eval_split, clips, crops))
+        self.model.eval()
+        report = evaluate(lambda video: self.model(video), self._loaders[key], self.class_names)
+        self.model.train()
+        return report
+
+    def after_epoch(self, epoch: int, step: int) -> None:
+        every = self.evaluation.eval_every
+        if not every or epoch % every:
+            return
+        report = self.test(1, 1)
+        if self.monitor.enabled:
+            self.monitor.scalars("eval", {"top1_single_view": report["top1"], "top5_single_view": report["top5"]},
+                                 step)
+            log.info("epoch %d: single-view validation top1 %.2f top5 %.2f (%d videos)", epoch, report["top1"],
+                     report["top5"], report["videos"])
+
+    def final_test(self, step: int) -> list[str]:
+        """The full test (eval_clips x eval_crops views per video): RUN_DIR/eval.json and per_class_accuracy.csv on
+        rank 0, its line printed; the lines for the run's summary."""
+        clips, crops = self.evaluation.eval_clips, self.evaluation.eval_crops
+        report = self.test(clips, crops)
+        if not self.monitor.enabled:
+            return []
+        views = f"{clips}x{crops}"
+        print(write_report(report, self.monitor.run_dir, views), flush=True)
+        self.monitor.scalars("eval", {"top1": report["top1"], "top5": report["top5"]}, step)
+        lines = [f"  test ({views} views): {os.path.join(self.monitor.run_dir, 'eval.json')}, "
+                 f"{os.path.join(self.monitor.run_dir, 'per_class_accuracy.csv')}"]
+        if len(report["per_class"]) <= 12:  # a handful of classes (the demos): each one's accuracy here too
+            lines += [f"    {row['top1']:6.2f}  {name} ({row['videos']} videos)"
+                      for name, row in sorted(report["per_class"].items())]
+        return lines

@@ -27,10 +27,11 @@ def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = No
     """Bytes one GPU holds beside the model's state and activations, by what holds them (estimates: the preflight
     measures the real peak on a GPU)."""
     value_bytes = 2 if ds.bf16 else 4
-    clips, frames = batch.micro_batch, recipe.num_frames * (views if recipe.per_view_start else 1)
+    spec = recipe.views
+    clips, frames = batch.micro_batch, spec.num_frames * (views if spec.per_view_start else 1)
     stored = frames * (frame_pixels or FRAME_PIXELS) * 3  # uint8 RGB frames of one decoded clip
-    view_values = views * 3 * recipe.num_frames * recipe.crop_size ** 2  # one clip's views
-    lanes = recipe.decode_pipelines or DECODE_LANES
+    view_values = views * 3 * spec.num_frames * spec.crop_size ** 2  # one clip's views
+    lanes = recipe.loading.decode_pipelines or DECODE_LANES
     reserve = {"cuda_context": CUDA_CONTEXT,
                # per lane, two batches' decoded frames and views (the one being made, the one being copied)
                "dali": lanes * 2 * clips * (stored + view_values * value_bytes),
@@ -53,10 +54,11 @@ def describe_reserve(reserve: dict) -> str:
 
 
 def estimate(cfg, recipe, ds, batch, views: int, recompute: bool):
+    masking = getattr(recipe, "masking", None)  # (pretraining's)
     return training_memory(cfg, batch.micro_batch, views, world_size=batch.world_size, zero_stage=ds.zero_stage,
                            bf16=ds.bf16, accumulation=batch.accumulation,
-                           mask_ratio=getattr(recipe, "mask_ratio", 0.0),
-                           mask_repeats=getattr(recipe, "mask_repeats", 1), recompute=recompute)
+                           mask_ratio=masking.mask_ratio if masking else 0.0,
+                           mask_repeats=masking.mask_repeats if masking else 1, recompute=recompute)
 
 
 def device_capacity(device: torch.device) -> int | None:
@@ -68,8 +70,8 @@ def plan_recompute(cfg, recipe, ds, batch, views: int, capacity: int | None, fra
     """(the model config with grad_checkpointing decided, one line saying what was decided and why), for a GPU of
     `capacity` bytes (None: the CPU)."""
     dense, sparse = (estimate(cfg, recipe, ds, batch, views, r) for r in (False, True))
-    if "grad_checkpointing" in recipe.model_options:
-        chosen = recipe.model_options["grad_checkpointing"]
+    if "grad_checkpointing" in recipe.model.options:
+        chosen = recipe.model.options["grad_checkpointing"]
         return cfg, f"estimate {(sparse if chosen else dense).describe()} per process; recompute set by the recipe"
     if capacity is None:
         return replace(cfg, grad_checkpointing=False), f"estimate {dense.describe()} per process (host memory)"

@@ -104,6 +104,12 @@ class Monitor:
         return f"loss {sum(first) / len(first):.4f} over this run's first {len(first)} steps -> " \
                f"{sum(last) / len(last):.4f} over its last {len(last)}"
 
+    def scalars(self, group: str, values: dict, step: int) -> None:
+        """TensorBoard scalars group/name (evaluations, probes) at `step`."""
+        if self.enabled:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{group}/{name}", value, step)
+
     def picture(self, step: int, grid: torch.Tensor, name: str = "reconstruction") -> str | None:
         """Log a [3, H, W] image in [0, 1] to TensorBoard and RUN_DIR/pictures/; returns the PNG's path."""
         if not self.enabled:

@@ -6,36 +6,42 @@ Decoder side: NVDEC frames/s per engine at 1080p, scaled to the clock and to the
 frames decoded per clip (the clip's span plus, on average, half a keyframe interval of frames before it).
 """
 
+from dali_pipes.sampling import clip_span
 from models import pretrain_macs
 from models.config import MAEConfig, resolve_config
+from trainer.device_peak import datasheet_peak
 
 NVDEC_NOTE = "https://docs.nvidia.com/video-technologies/video-codec-sdk/13.0/nvdec-application-note/index.html"
 # frames/s per NVDEC engine, 1920x1080 4:2:0, Turing at 1860 MHz; Hopper and GA100 decode like Turing scaled by clock
 NVDEC_TURING_1080P = {"h264": 771, "hevc": 1316, "vp9": 932}
 TURING_CLOCK_MHZ = 1860
-ACCELERATORS = {
-    "H100": dict(peak=989e12, engines=7, clock_mhz=1290,
+ACCELERATORS = {  # (the dense bf16 peaks: trainer/device_peak.py's datasheet table)
+    "H100": dict(peak=datasheet_peak("NVIDIA H100 80GB HBM3")[0], engines=7, clock_mhz=1290,
                  clock_note="H100's video clock was not found; A100's 1290 MHz (a reported nvidia-smi maximum) "
                             "is assumed"),
-    "A100": dict(peak=312e12, engines=5, clock_mhz=1290,
+    "A100": dict(peak=datasheet_peak("NVIDIA A100-SXM4-80GB")[0], engines=5, clock_mhz=1290,
                  clock_note="1290 MHz, a reported nvidia-smi maximum video clock (NVIDIA/nvidia-docker#1648)"),
 }
+
+
+def frames_decoded(num_frames: int, stride: int, gop: int) -> float:
+    """Frames NVDEC decodes for one clip: its span (at the recipes' 30 fps) plus, on average, half a keyframe
+    interval of frames before it."""
+    return clip_span(num_frames, stride, 30.0, 30.0) + gop / 2
 
 
 def nvdec_clips_per_s(gpu: dict, codec: str, pixels: int, gop: int = 16, num_frames: int = 16,
                       stride: int = 4) -> float:
     """Clips one NVDEC engine of `gpu` decodes per second: its frames/s at 1080p scaled by clock and frame size,
     over the frames one clip costs (its span plus, on average, half a keyframe interval before it)."""
-    frames_per_clip = (num_frames - 1) * stride + 1 + gop / 2
     engine_fps = NVDEC_TURING_1080P[codec] * gpu["clock_mhz"] / TURING_CLOCK_MHZ * (1920 * 1080) / pixels
-    return engine_fps / frames_per_clip
+    return engine_fps / frames_decoded(num_frames, stride, gop)
 
 
 def projection(accelerator: str, mfu: float, repeats: int = 4, crop_size: int = 224, short_side: int = 256,
                codec: str = "h264", gop: int = 16, num_frames: int = 16, stride: int = 4) -> dict:
     gpu = ACCELERATORS[accelerator]
-    span = (num_frames - 1) * stride + 1
-    frames_per_clip = span + gop / 2
+    span, frames_per_clip = clip_span(num_frames, stride, 30.0, 30.0), frames_decoded(num_frames, stride, gop)
     pixels = short_side * round(short_side * 4 / 3)  # Kinetics is mostly 4:3 or wider; 4:3 is the cheap case
     per_engine = nvdec_clips_per_s(gpu, codec, pixels, gop, num_frames, stride)
     rows = []
@@ -58,7 +64,7 @@ def projection(accelerator: str, mfu: float, repeats: int = 4, crop_size: int = 
             f"{gpu['engines']} NVDEC engines (NVIDIA MIG user guide, full-GPU profile)",
             f"decode cost linear in pixels from 1080p down to {round(short_side * 4 / 3)}x{short_side} (an upper "
             "bound: small frames carry per-frame overheads)",
-            f"{frames_per_clip:.0f} frames decoded per clip: a {num_frames}x{stride} span of {span} plus half a "
+            f"{frames_per_clip:.0f} frames decoded per clip: a {num_frames}x{stride} span of {span:.0f} plus half a "
             f"{gop}-frame keyframe interval (tools/build_shards.py --gop)",
             "one DALI decoder pipeline was reported to drive a single NVDEC engine (NVIDIA/DALI#6387): using all "
             "engines takes several decoding pipelines per GPU",

@@ -129,14 +129,15 @@ def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
     import numpy as np
 
     from trainer.pretrain import Pretraining
-    from trainer.run import Run, prepare
+    from trainer.cli import prepare
+    from trainer.run import Run
 
     run_dir = tempfile.mkdtemp(prefix="bench-e2e-")
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["workers"]))
-    task, args, resolved, model_cfg = prepare(Pretraining, [
+    task, args, model_cfg = prepare(Pretraining, [
         "--ds_config", ds_config, "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir,
         "checkpoint_every=0", "image_every=0", "log_every=0", f"split={cfg['split']}", *overrides])
-    run = Run(task, args, resolved, model_cfg, quiet=True)
+    run = Run(task, args, model_cfg, quiet=True)
     _KEEP_UNTIL_EXIT.append(run)
 
     def run_round() -> dict:
@@ -147,7 +148,7 @@ def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
             raise RuntimeError(problem)
         seconds = time.perf_counter() - start
         rows = [r for r in run.monitor.history if r["step"] > first]
-        return {"seconds": seconds, "items": steps * run.clips_per_step,
+        return {"seconds": seconds, "items": steps * run.batch.clips_per_step,
                 "data_wait_share": float(np.median([r["data_wait_share"] for r in rows])),
                 "mfu": float(np.median([r["mfu"] for r in rows]))}
 

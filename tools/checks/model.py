@@ -42,8 +42,8 @@ def check_memory(cfg, recipe, ds, batch, device: torch.device, views: int, frame
     clips = batch.micro_batch
     videos = torch.randn(clips * views, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device,
                          dtype=ds.dtype)
-    if hasattr(recipe, "mask_ratio"):
-        loss = model(videos, mask_ratio=recipe.mask_ratio, mask_repeats=recipe.mask_repeats)[0]
+    if hasattr(recipe, "masking"):
+        loss = model(videos, mask_ratio=recipe.masking.mask_ratio, mask_repeats=recipe.masking.mask_repeats)[0]
     else:
         loss = model(videos).float().logsumexp(-1).mean()
     loss.backward()

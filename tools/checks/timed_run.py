@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from tools.bench.gpu_projection import ACCELERATORS, projection
-from tools.checks.model import bare_model
 from tools.checks.report import FAIL, NO_GPU, PASS, SKIP, WARN, Check
 
 
@@ -32,30 +31,36 @@ def loader_rate(loader, batches: int, warmup: int = 2) -> float:
     return batches * loader.config.batch_size / (time.perf_counter() - start)
 
 
-def check_timed_run(task, args: Namespace, recipe, model_cfg, env, steps: int, batch, dtype: torch.dtype) -> Check:
-    """`steps` optimizer steps of the real recipe from the real shards, through the trainer itself."""
+def check_timed_run(task, args: Namespace, model_cfg, env, steps: int, batch, dtype: torch.dtype) -> Check:
+    """`steps` optimizer steps of the real recipe from the real shards, through the trainer itself (its
+    checkpoints, pictures, logs and validations off)."""
+    import copy
     import dataclasses
 
     from trainer.device_peak import measured_matmul_peak
     from trainer.run import Run
 
+    recipe = task.recipe
     out = os.path.join(args.output, "preflight_run")
     if env.device.type != "cuda":  # would the recipe's model finish in a couple of minutes on this CPU?
         clips = steps * batch.micro_batch * batch.accumulation
-        flops = task.train_flops_per_clip(bare_model(model_cfg), recipe) * clips
+        flops = task.flops_per_clip(model_cfg) * clips
         seconds = flops / (0.5 * measured_matmul_peak(env.device, dtype, seconds=0.2))
         if seconds > 120:
-            return Check("timed run", SKIP, f"{NO_GPU}: {steps} steps of {recipe.model} in {dtype} would take "
+            return Check("timed run", SKIP, f"{NO_GPU}: {steps} steps of {recipe.model.name} in {dtype} would take "
                          f"~{seconds / 60:.0f} min on this CPU (a CPU can time the demo recipe: --recipe demo_PT "
                          "--ds_config ds_configs/cpu.json)")
     if env.is_main:
         shutil.rmtree(out, ignore_errors=True)
     if env.world_size > 1:
         dist.barrier()
-    quiet = {"checkpoint_every": 0, "image_every": 0, "log_every": 0}
-    quiet.update({"eval_every": 0} if hasattr(recipe, "eval_every") else {})
-    run = Run(task, Namespace(**{**vars(args), "output": out, "max_steps": None}), dataclasses.replace(recipe, **quiet),
-              model_cfg, quiet=True)
+    quiet = copy.copy(task)
+    quiet.recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, checkpoint_every=0, image_every=0,
+                                                                       log_every=0))
+    if hasattr(recipe, "evaluation"):
+        quiet.recipe = dataclasses.replace(quiet.recipe, evaluation=dataclasses.replace(recipe.evaluation,
+                                                                                        eval_every=0))
+    run = Run(quiet, Namespace(**{**vars(args), "output": out, "max_steps": None}), model_cfg, quiet=True)
     try:
         alone = loader_rate(run.loader, batches=max(4, steps // 2))
         problem = run.run_steps(run.step + steps)
@@ -84,9 +89,9 @@ def check_timed_run(task, args: Namespace, recipe, model_cfg, env, steps: int, b
                f"time; the loader alone ({run.loader.route.name}) {alone:.1f} clips/s")
     gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
     accelerator = next((name for name in ACCELERATORS if name in gpu), None) or "H100"
-    if recipe.model in ("vit_b", "vit_l", "vit_h"):
-        p = projection(accelerator, 0.4, repeats=recipe.repeats, crop_size=recipe.crop_size)
-        row = next(r for r in p["rows"] if r["model"] == recipe.model)
+    if recipe.model.name in ("vit_b", "vit_l", "vit_h"):
+        p = projection(accelerator, 0.4, repeats=recipe.views.repeats, crop_size=recipe.views.crop_size)
+        row = next(r for r in p["rows"] if r["model"] == recipe.model.name)
         figures["projected"] = {"accelerator": accelerator, "views_per_s": row["views_per_s"], "assumed_mfu": 0.4}
         summary += f"; projected for one {accelerator} at 40% MFU: {row['views_per_s']} views/s"
     if figures["data_wait_share"] > 0.1:

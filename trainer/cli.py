@@ -1,0 +1,83 @@
+"""The trainers' command line: the arguments, everything that can be checked before a process group, DeepSpeed or
+DALI starts (the recipe and its overrides, the model's options, a resume's changes, the installed versions), and
+the exit codes: 0 done, 2 refused before starting, 3 stopped by the loss guard, 75 stopped by a signal
+(checkpointed; start again to resume)."""
+
+import argparse
+import sys
+
+from dali_pipes.shard_format import read_manifest
+from trainer.checkpointing import Checkpointer
+from trainer.recipes import CHANGEABLE_ON_RESUME, recipe_changes, resolve_recipe
+from trainer.run import Run
+from trainer.run_folder import NotShared
+from trainer.versions import VersionProblem, require_versions
+
+
+def parse_args(task_type, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=task_type.description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", required=True, help="DeepSpeed config (ds_configs/*.json)")
+    p.add_argument("--recipe", required=True, help=f"one of {sorted(task_type.recipes)}")
+    p.add_argument("--data", required=True, help="shards built by tools/build_shards.py")
+    p.add_argument("--output", required=True, help="run folder: checkpoints, logs; an existing one is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointing at the end)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume with a recipe that differs from the run's in what it computes (logged)")
+    p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher (read from the env)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, model options model.key=value")
+    task_type.add_arguments(p)
+    return p.parse_intermixed_args(argv)
+
+
+def resolve(task_type, args: argparse.Namespace):
+    """(task, model config) for the command line's recipe, overrides, data and task options, with every problem of
+    the recipe, its overrides and the model's options in one ValueError; nothing heavy is started."""
+    problems = []
+    task = task_type.from_args(args, resolve_recipe(task_type.recipes, args.recipe, args.overrides, problems))
+    try:  # the model's options too, in the same message
+        model_cfg = task.model_config(read_manifest(args.data))
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("invalid options: " + "; ".join(problems))
+    return task, model_cfg
+
+
+def check_resume_changes(run_dir: str, recipe, allowed: bool) -> dict:
+    """What differs between `recipe` and the one the run in `run_dir` was checkpointed with ({} for a new run);
+    a change that would not continue the same run is refused unless `allowed`."""
+    saved = Checkpointer.saved_meta(run_dir)
+    if not saved or "recipe" not in saved:
+        return {}
+    changes = recipe_changes(saved["recipe"], recipe)
+    breaking = {name: change for name, change in changes.items() if name not in CHANGEABLE_ON_RESUME}
+    if breaking and not allowed:
+        listed = ", ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in sorted(breaking.items()))
+        raise ValueError(f"{run_dir} was checkpointed at step {saved['step']} with another recipe ({listed}): "
+                         "resuming with these changes would not continue the same run. Drop them, start a new "
+                         "--output, or pass --allow-changes to go on with them (the run then differs from one started "
+                         "with them; the change is logged and its configuration kept in RUN_DIR/configs/)")
+    return changes
+
+
+def prepare(task_type, argv=None):
+    """(task, args, model config) from the command line, everything checked that can be without starting anything
+    heavy; raises ValueError (and its kin) with the reason."""
+    args = parse_args(task_type, argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+    task, model_cfg = resolve(task_type, args)
+    check_resume_changes(args.output, task.recipe, args.allow_changes)
+    require_versions()
+    return task, args, model_cfg
+
+
+def main(task_type, argv=None) -> int:
+    try:
+        task, args, model_cfg = prepare(task_type, argv)
+        run = Run(task, args, model_cfg)
+    except (ValueError, TypeError, FileNotFoundError, VersionProblem, NotShared) as err:  # ConfigConflict too
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run.train()
