@@ -28,7 +28,7 @@ class Feeder:
         # reading is memory copies: a quarter of the threads (measured on 2 cores: 1 reading thread beside 2
         # decoding ones gave 125 clips/s against 113 with 2 + 2)
         self._reader = ShardReader(shards, config, cursor, max(1, config.threads // 4), with_meta=route.per_clip)
-        self._host = ThreadPoolExecutor(config.threads) if route.per_clip or not route.main.decodes_in_dali else None
+        self._host = ThreadPoolExecutor(config.threads) if "decoded" in route.kinds else None
         self._queue = queue.Queue(maxsize=config.prefetch + 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="video-reader")

@@ -72,13 +72,13 @@ class VideoLoader:
                 return
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor.as_dict(), "skipped": self.skipped, "layout": self._layout()}
+        return {"cursor": self.cursor.as_dict(), "repair": self.pool.repair.state_dict(), "layout": self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken: the next batch, same order. Saved with another layout of ranks (world
         size, batch size), the epoch goes on from the batch that the clips read so far reach, in a fresh order."""
         self.close()
-        self.pool.repair.skipped = state["skipped"]
+        self.pool.repair.load_state_dict(state["repair"])
         cursor, layout = Cursor.from_dict(state["cursor"]), state["layout"]
         if layout == self._layout():
             self.cursor = cursor

@@ -19,16 +19,9 @@ from dali_pipes.views_pipeline import ViewsPipeline, assembled
 NVDEC_PIPELINES = 4
 
 
-def kind_decoders(route: DecoderRoute) -> dict:
-    """{feed kind: the decoder its views pipeline is built with} for the kinds a route's batches hold."""
-    if not route.main.decodes_in_dali:
-        return {"decoded": route.main}
-    return {"encoded": route.main, **({"decoded": route.host} if route.host else {})}
-
-
 class PipelinePool:
     def __init__(self, config, route: DecoderRoute):
-        decoders = kind_decoders(route)
+        decoders = route.kinds
         count = config.decode_pipelines or (NVDEC_PIPELINES if route.main.needs_gpu else 1)
         threads = max(1, config.threads // count)  # the process's share of cores, split among them
         self._lanes = [{kind: ViewsPipeline(config, decoder, threads) for kind, decoder in decoders.items()}

@@ -13,10 +13,16 @@ log = logging.getLogger("dali_pipes")
 
 class BatchRepair:
     def __init__(self, config, decoders: dict, assemble):
-        """decoders: {feed kind: the decoder its views pipeline is built with}."""
+        """decoders: {feed kind: the decoder its views pipeline is built with} (DecoderRoute.kinds)."""
         self.config, self.decoders, self.assemble = config, decoders, assemble
         self.skipped = 0  # clips replaced so far
         self._side = {}  # kind -> a side pipeline, built on first need
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state["skipped"]
 
     def substitute(self, feed, bad: list, first_batch: bool = False):
         """The batch with its bad clips replaced by good ones of the same batch."""

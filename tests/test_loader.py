@@ -257,7 +257,7 @@ def test_a_corrupt_video_is_skipped_logged_and_counted(tmp_path, caplog):
     assert loader.skipped == 1 and "clip2.mp4" in caplog.text
     labels = torch.cat([b["label"][:3] for b in batches]).tolist()
     assert 2 not in labels and sorted(set(labels)) == [0, 1, 3, 4, 5]
-    assert loader.state_dict()["skipped"] == 1
+    assert loader.state_dict()["repair"] == {"skipped": 1}
 
 
 def test_eval_views_positions(tmp_path):

@@ -79,8 +79,12 @@ def test_one_process_learns_and_writes_everything(shards, tmp_path):
     assert config["clips_per_step"] == 4 and config["lr"] == pytest.approx(0.05 * 4 / 256)
     # the fp32 export is mae_st's format, and fine-tuning takes its encoder
     classifier = build_classifier("vit_tiny", num_classes=3, img_size=32, num_frames=4, embed_dim=64)
+    export = torch.load(os.path.join(out, "export", "mae_st_pretrain.pth"), weights_only=True)["model"]
     report = load_pretrained(classifier, os.path.join(out, "export", "mae_st_pretrain.pth"))
     assert report.source_format == "mae_st" and report.fresh == ["head.weight", "head.bias"]
+    assert torch.equal(classifier.patch_embed.proj.weight, export["patch_embed.proj.weight"])  # the weights arrived
+    assert torch.equal(classifier.blocks[1].attn.qkv.weight, torch.cat([export[f"blocks.1.attn.{x}.weight"]
+                                                                        for x in "qkv"]))
 
 
 @pytest.fixture(scope="module")

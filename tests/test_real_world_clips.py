@@ -2,6 +2,7 @@
 codecs and containers, a phone's rotated clip, a clip shorter than a training clip, sources larger than GPU training
 needs. Each goes through --codec copy and a re-encode (vp9: what DALI's CPU decoder reads)."""
 
+import io
 import json
 
 import av
@@ -74,9 +75,20 @@ def test_clip_cut_before_its_first_keyframe_starts_at_its_first_decodable_frame(
     assert [[read_index(f) for f in clip] for clip in decoded] == [[5, 29], [5, 29]]
 
 
+def leading_pictures(data: bytes) -> int:
+    """Packets after a clip's first keyframe (in decode order) that are displayed before it: an open GOP's leading
+    pictures, which reference the group before the keyframe."""
+    with av.open(io.BytesIO(data)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    first = next(i for i, p in enumerate(packets) if p.is_keyframe)
+    return sum(p.pts < packets[first].pts for p in packets[first:])
+
+
 def test_open_gop_clip_cut_before_its_first_keyframe_loses_the_leading_pictures(tmp_path):
     """HEVC with an open GOP: the B-frames after the next keyframe that are displayed before it are left out too."""
-    stored_cut_clip(tmp_path, "libx265", "cut.mp4")
+    stored = stored_cut_clip(tmp_path, "libx265", "cut.mp4")
+    assert leading_pictures((tmp_path / "root" / "c" / "cut.mp4").read_bytes()) > 0  # the source has some
+    assert leading_pictures(stored["copy"]) == 0
 
 
 def test_codec_names_and_container_extensions_are_the_truth(tmp_path):

@@ -72,6 +72,14 @@ class DecoderRoute:
         """Whether a clip's format decides its decoder (the loader then reads each clip's format)."""
         return self.host is not None
 
+    @property
+    def kinds(self) -> dict:
+        """{what a batch's clips hold: the decoder its views pipeline is built with}: "encoded" clips a DALI decoder
+        reads inside the pipeline, "decoded" ones a host decoder made frames of before it."""
+        if not self.main.decodes_in_dali:
+            return {"decoded": self.main}
+        return {"encoded": self.main, **({"decoded": self.host} if self.host else {})}
+
     def host_decoder_for(self, fmt: str | None) -> Decoder | None:
         """The host decoder of a clip of format `fmt` (None: unknown), or None when the views pipeline decodes it."""
         if not self.main.decodes_in_dali:
