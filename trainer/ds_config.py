@@ -97,7 +97,8 @@ def read_ds_config(path: str, recipe) -> DsConfig:
         problems.append("use ZeRO stage 1, 2 or 3: the fp32 export reads ZeRO's fp32 master weights")
     if "gradient_clipping" in settings and settings["gradient_clipping"] != recipe.optim.clip_grad:
         problems.append(f"gradient_clipping is {settings['gradient_clipping']} here but clip_grad is "
-                        f"{recipe.optim.clip_grad} in the recipe: remove it from the ds_config, or override clip_grad=...")
+                        f"{recipe.optim.clip_grad} in the recipe: remove it from the ds_config, "
+                        "or override clip_grad=...")
     for name in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = settings.get(name, 1)
         if type(value) is not int or value < 1:

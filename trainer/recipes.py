@@ -342,8 +342,8 @@ def resolve_recipe(recipes: dict, name: str, overrides: list[str], problems: lis
 # differs from one started with it, and is refused at resume unless asked for (--allow-changes).
 CHANGEABLE_ON_RESUME = {"run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.image_every",
                         "run.explosion_factor", "evaluation.eval_split", "evaluation.eval_clips",
-                        "evaluation.eval_crops", "evaluation.eval_every", "loading.num_threads", "loading.decode_pipelines", "loading.prefetch",
-                        "loading.dont_use_mmap"}
+                        "evaluation.eval_crops", "evaluation.eval_every", "loading.num_threads",
+                        "loading.decode_pipelines", "loading.prefetch", "loading.dont_use_mmap"}
 
 
 def as_saved(recipe) -> dict:

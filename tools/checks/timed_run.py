@@ -96,6 +96,6 @@ def check_timed_run(task, args: Namespace, model_cfg, env, steps: int, batch, dt
         summary += f"; projected for one {accelerator} at 40% MFU: {row['views_per_s']} views/s"
     if figures["data_wait_share"] > 0.1:
         return Check("timed run", WARN, summary + " (the loader limits)",
-                     "more decoding pipelines (decode_pipelines=...), loader_threads, or shards with a shorter "
+                     "more decoding pipelines (decode_pipelines=...), num_threads=..., or shards with a shorter "
                      "keyframe interval and a 256 px short side", figures)
     return Check("timed run", PASS, summary, figures=figures)
