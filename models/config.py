@@ -12,6 +12,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+from models.decoder_subsets import DECODER_SUBSETS
+
 # width / depth / heads of ViT-B/L/H as in the MAE-ST paper (Feichtenhofer et al., arXiv 2205.09113) and the
 # facebookresearch/mae_st model factories; the tiny size is for tests and the demo.
 MODEL_SIZES = {
@@ -97,6 +99,10 @@ class MAEConfig(VideoViTConfig):
     decoder_pos_embed: str = "separable"  # mae_st: spatial + temporal + class; SlowFast: one joint [1, L+1, D] table
     decoder_cls: str = "learned"  # mae_st: a learned decoder_cls_token; SlowFast: the encoder's cls output, projected
     target_frames: str = "linspace"  # mae_st: linspace(0, T-1, pred_t_dim) floored; SlowFast: every T/pred_t_dim-th
+    # decoder masking (ours; neither official model has it): the decoder reconstructs this fraction of the masked
+    # tokens, chosen per view by `decoder_subset` (models/decoder_subsets.py); 1.0 decodes them all, as mae_st does
+    decoder_keep: float = 1.0
+    decoder_subset: str = "random"
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -126,10 +132,14 @@ class MAEConfig(VideoViTConfig):
                            f"and at most num_frames={self.num_frames} (choose one of {allowed})")
         _check_mlp_ratio(self, ("decoder_embed_dim",) if ok["decoder_embed_dim"] else (), out, report_value=False)
         _check_bools(self, ("norm_pix_loss",), out)
+        if not _is_number(self.decoder_keep) or not 0 < self.decoder_keep <= 1:
+            out.append(f"decoder_keep={self.decoder_keep!r} (must be a number in (0, 1]: the fraction of the masked "
+                       "tokens the decoder reconstructs, 1 for all of them)")
         for name, allowed in (
             ("decoder_pos_embed", ("separable", "joint")),
             ("decoder_cls", ("learned", "encoder")),
             ("target_frames", ("linspace", "even")),
+            ("decoder_subset", tuple(DECODER_SUBSETS)),
         ):
             _check_choice(self, name, allowed, out)
         return out
@@ -139,6 +149,15 @@ class MAEConfig(VideoViTConfig):
         if self.decoder_num_heads is not None:
             return self.decoder_num_heads
         return 16 if self.decoder_pos_embed == "separable" else self.decoder_embed_dim // 64
+
+    def visible_tokens(self, mask_ratio: float) -> int:
+        """Tokens the encoder sees per view: K = int(L x (1 - mask_ratio)), as mae_st rounds it."""
+        return int(self.num_patches * (1 - mask_ratio))
+
+    def decoded_masked(self, mask_ratio: float) -> int:
+        """Masked tokens the decoder reconstructs per view: all L - K at decoder_keep=1, else that share (>= 1)."""
+        masked = self.num_patches - self.visible_tokens(mask_ratio)
+        return masked if self.decoder_keep == 1 else min(masked, max(1, round(masked * self.decoder_keep)))
 
     @property
     def frames_per_token(self) -> int:

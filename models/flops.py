@@ -20,16 +20,17 @@ def patch_embed_macs(cfg: VideoViTConfig) -> int:
 
 
 def pretrain_macs(cfg: MAEConfig, mask_ratio: float = 0.9, dense_encoder: bool = False, mask_repeats: int = 1) -> int:
-    """One clip through the MAE: tubelet embedding once, then encoder + decoder once per mask (mask_repeats).
+    """One clip through the MAE: tubelet embedding once, then encoder + decoder once per mask (mask_repeats). The
+    decoder runs on all L tokens, or (decoder_keep < 1) on the K visible ones and the masked ones it reconstructs.
 
     dense_encoder counts the encoder on all tokens (mask tokens in the encoder), the paper's dense baseline."""
-    num_tokens = cfg.num_patches
-    visible = num_tokens if dense_encoder else int(num_tokens * (1 - mask_ratio))
+    visible = cfg.num_patches if dense_encoder else cfg.visible_tokens(mask_ratio)
     encoder = cfg.depth * block_macs(cfg.embed_dim, 1 + visible, cfg.mlp_ratio)
+    decoded = cfg.visible_tokens(mask_ratio) + cfg.decoded_masked(mask_ratio)
     decoder = (
         (1 + visible) * cfg.embed_dim * cfg.decoder_embed_dim  # decoder_embed
-        + cfg.decoder_depth * block_macs(cfg.decoder_embed_dim, 1 + num_tokens, cfg.mlp_ratio)
-        + num_tokens * cfg.decoder_embed_dim * cfg.patch_dim  # decoder_pred
+        + cfg.decoder_depth * block_macs(cfg.decoder_embed_dim, 1 + decoded, cfg.mlp_ratio)
+        + decoded * cfg.decoder_embed_dim * cfg.patch_dim  # decoder_pred
     )
     return patch_embed_macs(cfg) + mask_repeats * (encoder + decoder)
 

@@ -6,6 +6,10 @@ L = 8 x 14 x 14 = 1568 tokens, K = int(1568 x 0.1) = 156 visible, P = 16 x 16 x 
 Repeated sampling of masks (`mask_repeats=M`): each clip is masked M times independently. The patch embedding and the
 normalized targets are computed once per clip; only the encoder and decoder run M times. Rows of `pred` and `mask`
 are clip-major: row n*M + m is clip n under its m-th mask.
+
+Decoder masking (`decoder_keep` < 1, ours): the decoder runs on the K visible tokens plus Kd of the L - K masked
+ones (models/decoder_subsets.py picks them, per view), and the loss and its targets cover those Kd only. At
+decoder_keep = 1 (the default) the decoder runs on all L tokens in order, exactly mae_st's model.
 """
 
 import torch
@@ -13,6 +17,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from models.config import MAEConfig, resolve_config
+from models.decoder_subsets import DECODER_SUBSETS
 from models.encoder import VideoViT
 from models.layers import Block, LayerNorm, init_weights, separable_pos_embed
 
@@ -80,24 +85,39 @@ class MaskedAutoencoder(VideoViT):
     def forward_encoder(self, videos: torch.Tensor, mask_ratio: float, noise: torch.Tensor, mask_repeats: int):
         """videos [N, C, T, H, W] -> latent [N*M, 1+K, D], mask [N*M, L], ids_restore [N*M, L]."""
         tokens = self.embed(videos)  # [N, L, D], once per clip
-        n, num_tokens = tokens.shape[:2]
-        ids_keep, ids_restore, mask = self.random_masking(noise, int(num_tokens * (1 - mask_ratio)))
+        n = tokens.shape[0]
+        ids_keep, ids_restore, mask = self.random_masking(noise, self.cfg.visible_tokens(mask_ratio))
         clip = torch.arange(n, device=tokens.device).repeat_interleave(mask_repeats)  # [N*M]: row -> its clip
         visible = tokens[clip[:, None], ids_keep]  # [N*M, K, D]
         return self.norm(self.encode(visible)), mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent [B, 1+K, D] -> predictions [B, L, P] for every token (visible ones too)."""
+    def decoded_tokens(self, mask: torch.Tensor, ids_restore: torch.Tensor, mask_ratio: float,
+                       noise: torch.Tensor) -> torch.Tensor:
+        """The tokens the decoder runs on when it reconstructs only some, as positions [B, K+Kd]: the K visible ones
+        in the encoder's order (that of the latent), then the Kd masked ones the subset policy ranks first."""
+        rank = DECODER_SUBSETS[self.cfg.decoder_subset](self.cfg.grid, noise)  # [B, L] >= 0
+        visible_first = torch.where(mask.bool(), rank, (ids_restore - mask.shape[1]).to(rank.dtype))  # visible < 0
+        kept = self.cfg.visible_tokens(mask_ratio) + self.cfg.decoded_masked(mask_ratio)
+        return visible_first.argsort(dim=1)[:, :kept]
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, decoded=None) -> torch.Tensor:
+        """latent [B, 1+K, D] -> predictions [B, L, P] for every token in order (visible ones too), or, given
+        `decoded` [B, K+Kd] from decoded_tokens, [B, K+Kd, P] for those tokens."""
         x = self.decoder_embed(latent)  # [B, 1+K, D_dec]
         b, k, dec = x.shape[0], x.shape[1] - 1, x.shape[2]
-        num_tokens = ids_restore.shape[1]
-        shuffled = torch.cat([x[:, 1:], self.mask_token.expand(b, num_tokens - k, dec)], dim=1)  # visible first
-        tokens = torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dec))  # [B, L, D_dec] in order
+        positions = self.decoder_position_table()  # [1, 1+L, D_dec]
+        if decoded is None:  # every token, in order: mae_st's decoder
+            num_tokens = ids_restore.shape[1]
+            shuffled = torch.cat([x[:, 1:], self.mask_token.expand(b, num_tokens - k, dec)], dim=1)  # visible first
+            tokens = torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dec))  # [B, L, D_dec] in order
+        else:  # the visible tokens, then the kept masked ones, each with its own position
+            tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, decoded.shape[1] - k, dec)], dim=1)
+            positions = torch.cat([positions[:, :1].expand(b, -1, -1), positions[0, 1:][decoded]], dim=1)
         cls = x[:, :1] if self.cfg.decoder_cls == "encoder" else self.decoder_cls_token.expand(b, -1, -1)
-        x = torch.cat([cls, tokens], dim=1) + self.decoder_position_table()  # [B, 1+L, D_dec]
+        x = torch.cat([cls, tokens], dim=1) + positions  # [B, 1+L, D_dec] (or 1+K+Kd)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, L, P]
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, L, P] (or K+Kd)
 
     def patchify(self, videos: torch.Tensor) -> torch.Tensor:
         """The target frames of [N, C, T, H, W] clips as [N, L, P] patches, each patch's values ordered (frame, row,
@@ -112,33 +132,63 @@ class MaskedAutoencoder(VideoViT):
         p, u = self.cfg.patch_size, self.cfg.frames_per_token
         return rearrange(patches, "n (t h w) (u p q c) -> n c (t u) (h p) (w q)", t=t, h=h, w=w, u=u, p=p, q=p)
 
-    def targets(self, videos: torch.Tensor) -> torch.Tensor:
-        """[N, L, P] fp32 targets: each patch normalized by its own mean and (unbiased) variance if norm_pix_loss."""
+    def targets(self, videos: torch.Tensor, tokens=None, mask_repeats: int = 1) -> torch.Tensor:
+        """[N, L, P] fp32 targets: each patch normalized by its own mean and (unbiased) variance if norm_pix_loss;
+        given tokens [N*M, S] (positions per masked view), only those: [N*M, S, P]."""
         target = self.patchify(videos.float())
+        if tokens is not None:
+            clip = torch.arange(videos.shape[0], device=videos.device).repeat_interleave(mask_repeats)
+            target = target[clip[:, None], tokens]
         if self.cfg.norm_pix_loss:
             mean, std = patch_statistics(target)
             target = (target - mean) / std
         return target
 
-    def forward(self, videos: torch.Tensor, mask_ratio: float = 0.9, noise=None, mask_repeats: int = 1):
+    def forward(self, videos: torch.Tensor, mask_ratio: float = 0.9, noise=None, mask_repeats: int = 1,
+                decoder_noise=None):
         """videos [N, C, T, H, W] -> (loss, pred [N*M, L, P], mask [N*M, L]).
 
-        noise [N*M, L] makes the masking deterministic (argsort of noise); by default it is uniform random."""
+        noise [N*M, L] makes the masking deterministic (argsort of noise), decoder_noise [N*M, L] the decoder's
+        subset (decoder_keep < 1); by default both are uniform random. Tokens the decoder did not reconstruct are
+        0 in pred (a patch's mean, in normalized units)."""
         n, m, num_tokens = videos.shape[0], mask_repeats, self.cfg.num_patches
-        if noise is None:
-            noise = torch.rand(n * m, num_tokens, device=videos.device)
-        elif tuple(noise.shape) != (n * m, num_tokens):
-            raise ValueError(f"noise must be [N*mask_repeats, L] = [{n * m}, {num_tokens}], got {list(noise.shape)}")
+        noise = _uniform_noise(noise, "noise", (n * m, num_tokens), videos.device)
         latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio, noise, m)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.loss(videos, pred, mask, m), pred, mask
+        if self.cfg.decoder_keep == 1:
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.loss(videos, pred, mask, m), pred, mask
+        k = latent.shape[1] - 1
+        decoded = self.decoded_tokens(mask, ids_restore, mask_ratio, _uniform_noise(
+            decoder_noise, "decoder_noise", (n * m, num_tokens), videos.device))
+        pred = self.forward_decoder(latent, ids_restore, decoded)  # [N*M, K+Kd, P]
+        loss = self.loss(videos, pred[:, k:], mask, m, decoded[:, k:])
+        with torch.no_grad():  # each reconstruction in its token's place, for pictures
+            every = pred.new_zeros(n * m, num_tokens, pred.shape[-1])
+            every.scatter_(1, decoded.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
+        return loss, every, mask
 
-    def loss(self, videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, mask_repeats: int) -> torch.Tensor:
-        """Mean squared error over the removed tokens only; pred [N*M, L, P] against the targets of videos [N, ...]."""
-        n, m, num_tokens = videos.shape[0], mask_repeats, self.cfg.num_patches
-        per_token = (pred.float().view(n, m, num_tokens, -1) - self.targets(videos).unsqueeze(1)).pow(2).mean(-1)
-        mask_nm = mask.view(n, m, num_tokens)
+    def loss(self, videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, mask_repeats: int,
+             tokens=None) -> torch.Tensor:
+        """Mean squared error over the removed tokens only: pred [N*M, L, P] against the targets of videos [N, ...],
+        or, given the positions tokens [N*M, S] that pred [N*M, S, P] holds, against those tokens' targets."""
+        n, m = videos.shape[0], mask_repeats
+        if tokens is None:  # every token: the targets once per clip, shared by its M masks
+            target = self.targets(videos).unsqueeze(1)  # [N, 1, L, P]
+        else:
+            target = self.targets(videos, tokens, m).unflatten(0, (n, m))  # [N, M, S, P]
+            mask = mask.gather(1, tokens)  # [N*M, S]
+        per_token = (pred.float().unflatten(0, (n, m)) - target).pow(2).mean(-1)
+        mask_nm = mask.unflatten(0, (n, m))
         return (per_token * mask_nm).sum() / mask_nm.sum()
+
+
+def _uniform_noise(given, name: str, shape: tuple, device) -> torch.Tensor:
+    """`given` after checking its shape, or uniform noise of `shape`."""
+    if given is None:
+        return torch.rand(*shape, device=device)
+    if tuple(given.shape) != shape:
+        raise ValueError(f"{name} must be [N*mask_repeats, L] = {list(shape)}, got {list(given.shape)}")
+    return given
 
 
 def build_pretrain_model(name: str = "vit_b", **overrides) -> MaskedAutoencoder:

@@ -83,11 +83,12 @@ def activation_bytes(cfg: VideoViTConfig, clips: int, views: int, mask_ratio: fl
     inputs = clips * views * cfg.in_chans * cfg.num_frames * cfg.img_size**2 * bytes_per_value
     if not isinstance(cfg, MAEConfig):
         return inputs + stack(1 + cfg.num_patches, cfg.embed_dim, cfg.depth)
-    visible = int(cfg.num_patches * (1 - mask_ratio))
-    # the prediction, its fp32 copy, the fp32 target and the squared error: [rows, L, P]
-    loss = rows * cfg.num_patches * cfg.patch_dim * (bytes_per_value + 4 + 4 + 4)
+    visible, masked = cfg.visible_tokens(mask_ratio), cfg.decoded_masked(mask_ratio)
+    targets = cfg.num_patches if cfg.decoder_keep == 1 else masked  # per row; all L without decoder masking
+    # the prediction, its fp32 copy, the fp32 target and the squared error: [rows, L or Kd, P]
+    loss = rows * targets * cfg.patch_dim * (bytes_per_value + 4 + 4 + 4)
     return inputs + loss + stack(1 + visible, cfg.embed_dim, cfg.depth) \
-        + stack(1 + cfg.num_patches, cfg.decoder_embed_dim, cfg.decoder_depth)
+        + stack(1 + visible + masked, cfg.decoder_embed_dim, cfg.decoder_depth)
 
 
 def training_memory(cfg: VideoViTConfig, clips: int, views: int, *, world_size: int = 1, zero_stage: int = 2,

@@ -40,6 +40,14 @@ def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
                                          rows["model vit_tiny step sdpa M=1 foreach AdamW"]["rounds"]))
     assert report["ratios"]["model_fused_vs_foreach_adamw"]["min"] == pytest.approx(fused[0], rel=1e-3)
     assert {"model_sdpa_vs_math", "model_m4_vs_m1_views"} <= set(report["ratios"])
+    # decoder masking: the step at keep 0.5 and 0.25 beside keep 1, a time ratio per round, the analytic FLOPs
+    slower = sorted(a / b for a, b in zip(rows["model vit_tiny step sdpa M=1"]["rounds"],
+                                          rows["model vit_tiny step sdpa M=1 keep=0.5"]["rounds"]))
+    assert report["ratios"]["model_step_time_keep_0.5_vs_1"]["min"] == pytest.approx(slower[0], rel=1e-3)
+    assert "model_step_time_keep_0.25_vs_1" in report["ratios"]
+    flops = report["decoder_masking"]["flops_vs_keep_1"]
+    assert flops["vit_l"]["0.5"] <= 0.82 and flops["vit_b"]["0.25"] < flops["vit_b"]["0.5"] < 1
+    assert set(report["decoder_masking"]["peak_mb"]) == {"1.0", "0.5", "0.25"}
     assert list(rows["model vit_tiny parts sdpa M=1"]["parts"]) == [
         "embed + encoder", "decoder", "loss (targets included)", "backward", "optimizer"]
     assert report["gpu_projection"]["accelerator"] == "H100"

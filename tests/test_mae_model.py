@@ -233,3 +233,98 @@ def test_valid_edge_options_still_build():
     assert model.cfg.grid == (8, 4, 4) and len(model.blocks) == 1
     clf = build_classifier("vit_tiny", num_classes=1, dropout=0, head_init_scale=1, drop_path_rate=0.99)
     assert clf(clips(1)).shape == (1, 1)
+
+
+# --- decoder masking (decoder_keep < 1) --------------------------------------------------------------------------
+
+
+def test_decoder_keep_one_takes_no_draw_of_its_own():
+    """At decoder_keep=1 (mae_st's model) the forward draws its masking noise and nothing else: a run's random
+    stream, and with it every loss, stays what it was before decoder masking existed."""
+    model = tiny()
+    torch.manual_seed(5)
+    loss, pred, mask = model(clips(), mask_repeats=2)
+    torch.manual_seed(5)
+    noise = torch.rand(4, model.cfg.num_patches)
+    after = torch.rand(1)
+    assert torch.equal(model(clips(), noise=noise, mask_repeats=2)[0], loss)
+    torch.manual_seed(5)
+    model(clips(), mask_repeats=2)
+    assert torch.equal(torch.rand(1), after)
+
+
+def test_decoding_every_masked_token_through_the_subset_path_is_the_full_decoder():
+    """The subset path (visible tokens, then the kept masked ones, each with its position) is the same computation
+    as mae_st's decoder when it keeps them all: same loss and predictions, to float rounding."""
+    full = tiny()
+    every = tiny(decoder_keep=0.999)  # 58 masked tokens: round(57.9) keeps them all, through the subset path
+    every.load_state_dict(full.state_dict())
+    noise = torch.rand(4, 64)
+    loss, pred, mask = full(clips(), noise=noise, mask_repeats=2)
+    loss_s, pred_s, mask_s = every(clips(), noise=noise, mask_repeats=2, decoder_noise=torch.rand(4, 64))
+    assert torch.equal(mask, mask_s)
+    torch.testing.assert_close(loss_s, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred_s, pred, rtol=1e-4, atol=1e-5)
+
+
+def test_the_loss_counts_exactly_the_kept_masked_tokens():
+    """keep 0.5 of 58 masked tokens = 29 per view, those of least decoder noise: the loss is the mean over them of
+    each token's squared error against its normalized target, computed here by hand from the returned predictions."""
+    model = tiny(decoder_keep=0.5)
+    seen = []
+    model.decoder_blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    videos, noise, decoder_noise = clips(), torch.rand(4, 64), torch.rand(4, 64)
+    loss, pred, mask = model(videos, noise=noise, mask_repeats=2, decoder_noise=decoder_noise)
+    visible = int(64 * 0.1)
+    assert seen == [(4, 1 + visible + 29, model.cfg.decoder_embed_dim)]  # cls + 6 visible + 29 masked
+    targets = model.targets(videos)  # [2, 64, P], every token
+    errors = []
+    for row in range(4):
+        masked = torch.nonzero(mask[row]).flatten()
+        kept = masked[decoder_noise[row, masked].argsort()[:29]]  # the 29 masked tokens of least noise
+        dropped = masked[decoder_noise[row, masked].argsort()[29:]]
+        assert pred[row, dropped].abs().sum() == 0  # not reconstructed: 0 in the returned predictions
+        assert pred[row, kept].abs().min(dim=-1).values.gt(0).all()
+        errors.append((pred[row, kept] - targets[row // 2, kept]).pow(2).mean(-1))
+    torch.testing.assert_close(loss, torch.cat(errors).mean())
+
+
+def test_decoder_subsets_are_drawn_per_view_and_the_running_cell_takes_turns():
+    from models.decoder_subsets import DECODER_SUBSETS
+
+    model = tiny(decoder_keep=0.5)
+    torch.manual_seed(0)
+    _, pred, mask = model(clips(1), mask_repeats=2, noise=torch.rand(1, 64).repeat(2, 1))  # one mask, twice
+    assert torch.equal(mask[0], mask[1])
+    assert not torch.equal(pred[0] != 0, pred[1] != 0)  # each view its own subset of the same masked tokens
+    turn = DECODER_SUBSETS["running_cell"]((3, 4, 4), torch.zeros(1, 48)).view(3, 2, 2, 2, 2)  # t, h/2, 2, w/2, 2
+    for t in range(3):  # in every 2 x 2 cell each position has its own turn, all cells alike, shifted each step
+        cells = turn[t].permute(0, 2, 1, 3).reshape(4, 4)
+        assert all(sorted(cell.tolist()) == [0, 1, 2, 3] for cell in cells) and (cells == cells[0]).all()
+    assert torch.equal(turn[1], (turn[0] - 1) % 4)
+    loss, pred, _ = tiny(decoder_keep=0.5, decoder_subset="running_cell")(clips(), mask_repeats=2)
+    assert loss.isfinite() and (pred.abs().sum(-1) > 0).sum(1).tolist() == [6 + 29] * 4
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, "half", float("nan"), True])
+def test_decoder_keep_outside_zero_one_is_refused(value):
+    with pytest.raises(ValueError, match="decoder_keep"):
+        tiny(decoder_keep=value)
+
+
+def test_decoder_subset_names_its_choices():
+    with pytest.raises(ValueError, match="decoder_subset='tube' \\(must be one of random, running_cell\\)"):
+        tiny(decoder_subset="tube")
+
+
+def test_pictures_show_the_tokens_decoder_masking_left_out_gray():
+    from trainer.visualize import reconstruction_grid
+
+    model = tiny(decoder_keep=0.5)
+    videos = clips(1)
+    _, pred, mask = model(videos)
+    grid = reconstruction_grid(model, videos, pred, mask, 1, clips=1)  # rows: target, masked input, reconstruction
+    gray = torch.isclose(grid, torch.tensor(0.5), atol=1e-5).all(0)  # [3 x 32, 4 frames x 32]
+    pixels_per_token = 8 * 8  # one target frame per token
+    assert gray[32:64].sum() == 58 * pixels_per_token  # the input: every masked token
+    assert gray[64:96].sum() == (58 - 29) * pixels_per_token  # the reconstruction: those not reconstructed

@@ -358,6 +358,33 @@ def test_every_shipped_ds_config_trains_checkpoints_resumes_and_exports(shards, 
             assert torch.equal(weights[key].to(value.dtype), value), key
 
 
+def test_decoder_masking_trains_and_resumes_with_the_same_losses(shards, tmp_path, monkeypatch, capsys):
+    """The decoder's subsets are drawn from the run's one random stream, as the masks are: a run resumed at step 2
+    goes on exactly as one that never stopped."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def train(out, steps):
+        args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT_DM50", "--data", shards, "--output",
+                str(tmp_path / out), *TINY, "image_every=0", "checkpoint_every=2", "log_every=0", "--max-steps", steps]
+        assert pretrain.main(pretrain.Pretraining, args) == 0
+
+    train("whole", "4")
+    train("resumed", "2")
+    train("resumed", "4")
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4] and json.load(open(tmp_path / "whole" / "config.json"))["recipe"][
+        "model"]["options"]["decoder_keep"] == 0.5
+    for step in range(1, 5):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), step
+    # scored afterwards over every masked token: the decoder at keep 1, the run's weights
+    from tools import reconstruction_loss
+
+    assert reconstruction_loss.main(["--recipe", "demo_PT_DM50", "--data", shards, "--checkpoint",
+                                     str(tmp_path / "whole"), "--split", "train", *TINY]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "(8 videos of train, 16 views, 464 masked tokens" in line, line  # 16 x 29: 4 x 4 x 2 tokens, 3 visible
+
+
 SLOW_CONVERSION = """
 import os, sys, time
 from datetime import timedelta

@@ -90,7 +90,8 @@ def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
     ("model.depth=-1", "depth"), ("repeats=0", "repeats"), ("crop_size=0", "crop_size"), ("stride=-4", "stride"),
     ("num_threads=0", "num_threads"), ("batch_size=0", "batch_size"), ("image_every=-1", "image_every"),
     ("checkpoint_every=2.5", "checkpoint_every"), ("mask_ratio=1.0", "mask_ratio"), ("decoder=nvdec", "decoder"),
-    ("num_frames=0", "num_frames"), ("scale=(0.9, 0.5)", "scale"),
+    ("num_frames=0", "num_frames"), ("scale=(0.9, 0.5)", "scale"), ("model.decoder_keep=0", "decoder_keep"),
+    ("model.decoder_subset=tube", "decoder_subset"),
 ])
 def test_bad_options_are_refused_before_anything_starts(shards, tmp_path, override, named):
     """prepare() is everything the trainer does before starting a process group, DeepSpeed or DALI."""

@@ -14,8 +14,9 @@ Modes:
     decode-limit  decoding the same frames and nothing else, batches read beforehand: the loader's ceiling
     stages        the views pipeline taken apart (decode; + resizes; + the rest; + the copy to torch) at R = 1, 4
     model         one MAE training step: clips/s and MFU against the same round's matmul peak; SDPA vs plain
-                  attention; mask_repeats 4 vs 1; fused vs torch's default (foreach) AdamW; and where the step's
-                  time goes (encoder, decoder, loss, ...)
+                  attention; mask_repeats 4 vs 1; fused vs torch's default (foreach) AdamW; decoder masking
+                  (decoder_keep 0.5 and 0.25 vs 1: step time, peak memory; the analytic FLOPs of ViT-B/L/H); and
+                  where the step's time goes (encoder, decoder, loss, ...)
     e2e           the real trainer: clips/s and the share of time waiting for data
     all           the loader at R = 1 and 4, bare decoding and the baselines (the headline ratios), the stages, the
                   model step (SDPA, M=1) and its parts, and e2e; then the verdict
@@ -87,15 +88,20 @@ def group_data(cfg: dict, parts: set) -> list[Contender]:
     return found
 
 
+DECODER_KEEPS = (0.5, 0.25)  # the decoder-masking variants the model mode measures against keep 1
+
+
 def group_model(cfg: dict, variants: set) -> list[Contender]:
     """The step with SDPA at M=1 (the MFU), where its time goes, and with `variants`: plain attention, M=4, torch's
-    default (foreach) AdamW instead of the fused one."""
+    default (foreach) AdamW instead of the fused one, decoder masking."""
     size, batch = cfg["model"], cfg["model_batch"]
-    runs = [("sdpa", 1, True)] + [("math", 1, True)] * ("attention" in variants) \
-        + [("sdpa", 4, True)] * ("repeats" in variants) + [("sdpa", 1, False)] * ("optimizer" in variants)
-    steps = [Contender(f"model {size} step {attn} M={m}" + ("" if fused else " foreach AdamW"),
-                       "tools.bench.model:model_step", cfg, m, size=size, batch=batch, attn_impl=attn,
-                       mask_repeats=m, fused_adamw=fused) for attn, m, fused in runs]
+    runs = [("sdpa", 1, True, 1.0)] + [("math", 1, True, 1.0)] * ("attention" in variants) \
+        + [("sdpa", 4, True, 1.0)] * ("repeats" in variants) + [("sdpa", 1, False, 1.0)] * ("optimizer" in variants) \
+        + [("sdpa", 1, True, keep) for keep in DECODER_KEEPS if "decoder_keep" in variants]
+    steps = [Contender(f"model {size} step {attn} M={m}" + ("" if fused else " foreach AdamW")
+                       + ("" if keep == 1 else f" keep={keep}"), "tools.bench.model:model_step", cfg, m, size=size,
+                       batch=batch, attn_impl=attn, mask_repeats=m, fused_adamw=fused, decoder_keep=keep)
+             for attn, m, fused, keep in runs]
     return steps + [Contender(f"model {size} parts sdpa M=1", "tools.bench.model:model_parts", cfg, 1, size=size,
                               batch=batch, attn_impl="sdpa", mask_repeats=1)]
 
@@ -107,7 +113,8 @@ def group_e2e(cfg: dict, _=None) -> list[Contender]:
 
 
 MODES = {mode: [(group_data, {mode})] for mode in ("decode-limit", "loader", "baselines", "stages")}  # groups, in turn
-MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer"})], "e2e": [(group_e2e, None)],
+MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer", "decoder_keep"})],
+              "e2e": [(group_e2e, None)],
               "all": [(group_data, {"ratios"}), (group_data, {"stages"}), (group_model, set()), (group_e2e, None)]})
 
 
@@ -176,12 +183,33 @@ def ratios(rows: list[dict], cfg: dict) -> dict:
         "model_m4_vs_m1_views": per_round_ratio(by_name, f"{step} sdpa M=4", f"{step} sdpa M=1", views=True),
         "model_fused_vs_foreach_adamw": per_round_ratio(by_name, f"{step} sdpa M=1", f"{step} sdpa M=1 foreach AdamW"),
     })
+    for keep in DECODER_KEEPS:  # step time at this keep over keep 1's: keep 1's rate over this one's
+        found[f"model_step_time_keep_{keep}_vs_1"] = per_round_ratio(by_name, f"{step} sdpa M=1",
+                                                                     f"{step} sdpa M=1 keep={keep}")
     model = by_name.get(f"{step} sdpa M=1")
     if model and "mfu_rounds" in model:
         values = model["mfu_rounds"]
         found["model_mfu"] = {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
                               "max": round(max(values), 3), "rounds": len(values)}
     return {k: v for k, v in found.items() if v}
+
+
+def decoder_masking(rows: list[dict], cfg: dict) -> dict:
+    """Decoder masking at each measured keep against keep 1: the step's peak memory (this benchmark's processes),
+    and the analytic multiply-adds per clip of ViT-B/L/H at 90% masking (models/flops.py)."""
+    from models import pretrain_macs
+    from models.config import MAEConfig, resolve_config
+
+    by_name = {r["name"]: r for r in rows}
+    step = f"model {cfg['model']} step sdpa M=1"
+    found = {"flops_vs_keep_1": {size: {str(keep): round(pretrain_macs(resolve_config(
+        MAEConfig, size, decoder_keep=keep)) / pretrain_macs(resolve_config(MAEConfig, size)), 3)
+        for keep in DECODER_KEEPS} for size in ("vit_b", "vit_l", "vit_h")}}
+    if step in by_name and by_name[step].get("peak_mb"):
+        found["peak_mb"] = {"1.0": by_name[step]["peak_mb"], **{str(keep): by_name[f"{step} keep={keep}"]["peak_mb"]
+                                                              for keep in DECODER_KEEPS
+                                                              if by_name.get(f"{step} keep={keep}", {}).get("peak_mb")}}
+    return found
 
 
 def stage_costs(rows: list[dict]) -> dict:
@@ -350,6 +378,14 @@ def main(argv=None) -> int:
     lines = verdict(rows, found, costs) if args.mode == "all" else []
     if lines:
         print("verdict:\n  " + "\n  ".join(lines))
+    masking = decoder_masking(rows, cfg) if args.mode == "model" else {}
+    if masking:
+        print("decoder masking, analytic multiply-adds per clip against keep 1 (90% masking): " + "; ".join(
+            f"{size} " + ", ".join(f"{ratio:.3f} at keep {keep}" for keep, ratio in by_keep.items())
+            for size, by_keep in masking["flops_vs_keep_1"].items()))
+        if "peak_mb" in masking:
+            print("decoder masking, peak memory of the step's process (MB): " + ", ".join(
+                f"keep {keep} {mb}" for keep, mb in masking["peak_mb"].items()))
     gpu = projection(args.accelerator, args.assumed_mfu, repeats=4, crop_size=224, short_side=256)
     if args.mode in ("all", "model"):
         print_projection(gpu)
@@ -357,6 +393,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "config": cfg, "load": {"before": before, "after": after, "warning": warning},
                        "measurements": rows, "ratios": found, "stage_costs": costs, "verdict": lines,
+                       "decoder_masking": masking,
                        "gpu_projection": gpu}, f, indent=1)
     return 0
 

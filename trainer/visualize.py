@@ -19,10 +19,12 @@ def reconstruction_grid(model, videos: torch.Tensor, pred: torch.Tensor, mask: t
     rows = torch.arange(n, device=pred.device) * mask_repeats  # each clip's first mask
     pred, mask = pred[rows].float(), mask[rows].float().unsqueeze(-1)  # [n, L, P], [n, L, 1]
     patches = model.patchify(videos[:n].float())  # [n, L, P]
+    reconstructed = pred.abs().sum(-1, keepdim=True) > 0  # [n, L, 1]: all but what decoder masking left out (0s)
     if model.cfg.norm_pix_loss:  # predictions are in per-patch normalized units: undo with the target's statistics
         mean, std = patch_statistics(patches)
         pred = pred * std + mean
     gray = (127.5 - MEAN) / STD
+    pred = torch.where(reconstructed, pred, gray)  # (a left-out token shown gray, as in the masked input)
     kinds = [patches, patches * (1 - mask) + gray * mask, patches * (1 - mask) + pred * mask]
     frames = torch.stack([model.unpatchify(k) for k in kinds], dim=1)  # [n, 3 kinds, C, t, H, W]
     pixels = (frames * STD + MEAN) / 255

@@ -1,6 +1,7 @@
 """Model and end-to-end measurements of tools/benchmark.py, set up once per contender process, timed round by round.
 
-- model_step: one MAE training step (forward, backward, AdamW) at a size and batch; each round also measures this
+- model_step: one MAE training step (forward, backward, AdamW) at a size, batch and decoder_keep (the share of the
+  masked tokens the decoder reconstructs); each round also measures this
   process's dense-matmul FLOP/s right before and right after the steps, so the MFU of a round is a ratio taken in
   one moment.
 - model_parts: where the step's time goes: embedding and encoder, decoder, loss (targets included), backward,
@@ -28,14 +29,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _model_and_batch(cfg: dict, size: str, batch: int, attn_impl: str, fused_adamw: bool = True):
+def _model_and_batch(cfg: dict, size: str, batch: int, attn_impl: str, fused_adamw: bool = True,
+                     decoder_keep: float = 1.0):
     import torch
 
     from models import build_pretrain_model
 
     device, dtype = _device_and_dtype()
     torch.manual_seed(0)
-    model = build_pretrain_model(size, attn_impl=attn_impl, **cfg.get("model_options", {})).to(device)
+    model = build_pretrain_model(size, attn_impl=attn_impl, decoder_keep=decoder_keep,
+                                 **cfg.get("model_options", {})).to(device)
     # fused as the trainer (trainer/engine.py); foreach, torch's default, for the before/after of that choice
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw, foreach=not fused_adamw)
     c = model.cfg
@@ -43,13 +46,15 @@ def _model_and_batch(cfg: dict, size: str, batch: int, attn_impl: str, fused_ada
     return model, optimizer, videos, device, dtype
 
 
-def model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: int, fused_adamw: bool = True):
+def model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: int, fused_adamw: bool = True,
+               decoder_keep: float = 1.0):
     import torch
 
     from models import pretrain_macs
     from trainer.device_peak import measured_matmul_peak
 
-    model, optimizer, videos, device, dtype = _model_and_batch(cfg, size, batch, attn_impl, fused_adamw)
+    model, optimizer, videos, device, dtype = _model_and_batch(cfg, size, batch, attn_impl, fused_adamw,
+                                                               decoder_keep)
     flops_per_step = 6 * pretrain_macs(model.cfg, 0.9, mask_repeats=mask_repeats) * batch
 
     def step():
