@@ -307,7 +307,7 @@ def test_a_job_whose_other_ranks_never_come_fails_within_the_timeout(tmp_path):
     shards = make_shards(tmp_path, n=2, frames=20)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", shards, "--recipe",
                              "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--output",
-                             str(tmp_path / "run"), "--timeout", "5"], capture_output=True, text=True, timeout=60,
+                             str(tmp_path / "run"), "--timeout", "2"], capture_output=True, text=True, timeout=60,
                             env=process_env(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
                                             MASTER_PORT=29842))
     assert result.returncode == 1, result.stdout + result.stderr[-2000:]
