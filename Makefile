@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo_pt
 
-# demo data once (about 10 s), then a fresh pretraining run: shards -> DALI -> DeepSpeed, a few minutes on 2 cores
+# demo data once (about 10 s), then a fresh pretraining run: shards -> DALI -> DeepSpeed, about 1.5 minutes on 2 cores
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/shards/manifest.json || $(PY) tools/make_demo_data.py --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
