@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards, tmp_path):
     """16 validation videos in 4 motion classes (5 classes in all): guessing gives 20%, always naming the most common
-    validation class 25%. The threshold, 50% (8 of 16), is reached by a chance-level classifier with probability
-    below 3% (binomial, p = 0.25), while this run reaches about 80% (100% with the full demo pretraining)."""
+    validation class 25%. The threshold, 62.5% (10 of 16), is reached by a chance-level classifier with probability
+    below 0.1% (binomial, p = 0.25). 25 fine-tuning epochs: at 15 the result hung near 50% (44-56% on builds of the
+    demo set whose VP9 bitstreams differed, and it failed once in CI at 43.75%); at 25 it gave 75-94%."""
     env = process_env(OMP_NUM_THREADS=2)
     pretrained = str(tmp_path / "pt")
     subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config",
@@ -33,21 +34,21 @@ def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards,
     run_dir = str(tmp_path / "ft")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
                              os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
-                             "--pretrained", pretrained, "--output", run_dir, "epochs=15"],
+                             "--pretrained", pretrained, "--output", run_dir, "epochs=25"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "freshly initialized: head.weight, head.bias" in result.stdout  # the report of what --pretrained gave
     top1_line = [line for line in result.stdout.splitlines() if line.startswith("top1:")]
     assert top1_line and "(16 videos, 2x3 views)" in top1_line[0]
     report = json.load(open(os.path.join(run_dir, "eval.json")))
-    assert report["top1"] >= 50.0, report
+    assert report["top1"] >= 62.5, report
     assert report["videos"] == 16 and report["views"] == "2x3"
     assert set(report["per_class"]) == {"moving_down", "moving_sideways", "moving_up", "standing_still"}
     assert open(os.path.join(run_dir, "per_class_accuracy.csv")).readline().strip() == "class,videos,top1"
     # --eval-only tests the run's own checkpoint again, without a step of training
     again = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
                             os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
-                            "--output", run_dir, "--eval-only", "epochs=15"], capture_output=True, text=True,
+                            "--output", run_dir, "--eval-only", "epochs=25"], capture_output=True, text=True,
                            env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"top1: {report['top1']:.2f}" in again.stdout
