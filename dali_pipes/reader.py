@@ -7,9 +7,14 @@ once across ranks and all ranks take the same number of steps. Shuffling uses DA
 fresh order every epoch; the reader's position and shuffle state are captured by DALI checkpointing.
 On network filesystems (NFS, Lustre, GPFS) `dont_use_mmap` makes DALI read with plain reads: DALI's documentation
 notes that most network filesystems serve memory-mapped files poorly.
+A set in an object store (s3://) is read by DALI over the network: when the store stops answering, the batch is read
+again from the cursor (a reader rebuilt from its checkpoint, so the stream goes on identically) after each of
+`retry_delays`, and then StoreUnavailable names the store and the last sample read.
 """
 
 import base64
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +23,9 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_pipes.cursor import Cursor
 from dali_pipes.shard_format import VIDEO_EXTS
 from dali_pipes.shard_set import ShardSet
+from dali_pipes.shard_store import StoreUnavailable
+
+log = logging.getLogger("dali_pipes")
 
 
 @dataclass
@@ -33,11 +41,14 @@ class RawBatch:
 
 
 class ShardReader:
+    retry_delays = (1, 2, 4, 8, 16)  # seconds before each new try at a batch the store did not serve (31 s in all)
+
     def __init__(self, shards: ShardSet, config, cursor: Cursor, num_threads: int, with_meta: bool = False):
         """with_meta: also read each clip's KEY.json (its format: where the route decodes clips by format)."""
         self.shards, self.config, self.threads, self.with_meta = shards, config, num_threads, with_meta
         self.batches_per_epoch = shards.batches_per_epoch(config.batch_size, config.world_size)
         self.cursor = cursor
+        self.last_read = "none yet"  # the last sample read, for a store that stops answering
         self.pipe = self._build(cursor)
 
     def _build(self, cursor: Cursor):
@@ -51,8 +62,9 @@ class ShardReader:
                 paths=shards.tars, index_paths=shards.indexes,
                 ext=[";".join(VIDEO_EXTS), "info", *["json"] * self.with_meta],
                 dtypes=[types.UINT8, types.INT32, *[types.UINT8] * self.with_meta], shard_id=c.rank,
-                num_shards=c.world_size, pad_last_batch=True, random_shuffle=c.shuffled, initial_fill=c.shuffle_buffer,
-                seed=seed, name="reader", dont_use_mmap=c.dont_use_mmap,
+                num_shards=c.world_size, pad_last_batch=True, random_shuffle=c.shuffled,
+                initial_fill=shards.shuffle_fill(c.shuffle_buffer, c.world_size), seed=seed, name="reader",
+                dont_use_mmap=c.dont_use_mmap,
             )
             return video, info, fn.get_property(video, key="source_info"), *meta
 
@@ -62,7 +74,7 @@ class ShardReader:
 
     def next_batch(self) -> RawBatch:
         c, cursor = self.config, self.cursor
-        video, info, names, *meta = self.pipe.run()
+        video, info, names, *meta = self._run()
         read = cursor.position - cursor.reader_offset  # batches this reader read before this one, this epoch
         part = self.shards.rank_sizes(c.world_size)[(c.rank + cursor.reader_epochs) % c.world_size]
         real = min(c.batch_size, max(0, part - read * c.batch_size))
@@ -75,6 +87,36 @@ class ShardReader:
         else:
             after = Cursor(cursor.epoch + 1, 0, cursor.reader_start, base64.b64encode(self.pipe.checkpoint()).decode())
         self.cursor = after
+        names = [np.array(n).tobytes().decode() for n in names]
+        self.last_read = names[-1]
         return RawBatch(cursor.epoch, cursor.position, [np.array(v) for v in video],  # copies: DALI reuses buffers
                         np.array(info.as_tensor()), [np.array(m) for m in meta[0]] if meta else [b""] * len(video),
-                        [np.array(n).tobytes().decode() for n in names], real, after)
+                        names, real, after)
+
+    def _run(self):
+        """The next batch from DALI; from a streamed store, tried again from the cursor while the store does not
+        answer (DALI's AWS SDK has already retried each request 3 times: its default retry strategy)."""
+        if not self.shards.streamed:
+            return self.pipe.run()
+        failure = None
+        for delay in (0, *self.retry_delays):
+            time.sleep(delay)
+            try:
+                if failure is not None:
+                    self.pipe = self._build(self.cursor)  # the failed pipeline is no longer valid (DALI says so)
+                return self.pipe.run()
+            except RuntimeError as err:
+                failure = err
+                log.warning("%s did not serve batch %d of epoch %d (%s): trying again from the cursor",
+                            self.shards.location, self.cursor.position, self.cursor.epoch, _last_line(err))
+        raise StoreUnavailable(
+            f"{self.shards.location} stopped answering: batch {self.cursor.position} of epoch {self.cursor.epoch} "
+            f"failed {len(self.retry_delays) + 1} times over {sum(self.retry_delays)} s; the last sample read: "
+            f"{self.last_read}; DALI said: {_last_line(failure)}") from failure
+
+
+def _last_line(err: Exception) -> str:
+    """The line of a DALI error that says what happened (its message ends with the pipeline's own notes)."""
+    lines = [line.strip(" :") for line in str(err).splitlines()
+             if line.strip(" :") and "pipeline" not in line and not line.startswith(" ")]
+    return lines[-1] if lines else type(err).__name__

@@ -10,13 +10,15 @@ OUT/{split}-{000000}.tar holds, per sample KEY (dataset-unique, no dots):
 num_frames counts the frames that decode, from frame 0 = the first decodable one. height x width is the stored frame
 (what a decoder outputs); rotation is the degrees CLOCKWISE (0, 90, 180, 270) that turn it upright for display (a
 phone's portrait clip: stored landscape, rotation 90).
-OUT/{split}-{000000}.idx is its DALI index (wds2idx format) and OUT/manifest.json describes the whole set.
+OUT/{split}-{000000}.idx is its DALI index (wds2idx format) and OUT/manifest.json describes the whole set. OUT is a
+folder or an object store's prefix (shard_store.py).
 """
 
 import json
-import os
 
 import numpy as np
+
+from dali_pipes.shard_store import StoreRefused, open_store
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 INFO_FIELDS = ("label", "num_frames", "fps_milli", "height", "width", "rotation")
@@ -53,9 +55,9 @@ def sample_format(meta: bytes) -> str | None:
     return None if not codec else f"{codec}/{pix_fmt}" if pix_fmt else codec
 
 
-def read_manifest(shards_dir: str) -> dict:
-    path = os.path.join(shards_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{shards_dir} has no {MANIFEST}: build shards with tools/build_shards.py first")
-    with open(path) as f:
-        return json.load(f)
+def read_manifest(location: str) -> dict:
+    """The manifest of the set at `location`: a folder, or a store's URL (shard_store.py)."""
+    manifest = open_store(location).read_json(MANIFEST)
+    if manifest is None:
+        raise StoreRefused(f"{location} has no {MANIFEST}: build shards with tools/build_shards.py first")
+    return manifest

@@ -2,14 +2,14 @@
 
 A shard cut short (a copy to a cluster's filesystem that did not finish) or without its index would otherwise end
 a run after it started, with DALI's raw "offset is outside of the archive file" assertion. The manifest records
-every shard's size, so each one is checked when the set is opened.
+every shard's size, so each one is checked when the set is opened, against one listing of the store's sizes.
 """
 
 import logging
-import os
 from dataclasses import dataclass
 
 from dali_pipes.shard_format import read_manifest
+from dali_pipes.shard_store import open_store
 
 log = logging.getLogger("dali_pipes")
 
@@ -26,6 +26,8 @@ class ShardSet:
     num_bytes: int
     formats: dict  # "codec/pix_fmt" (or "codec", for sets built before pixel formats were recorded) -> clips
     label_map: dict
+    location: str = ""  # where the set is (a folder or a store's URL)
+    streamed: bool = False  # DALI reads it from a store (s3://, not in the node cache): a silent store is retried
 
     def rank_sizes(self, world_size: int) -> list[int]:
         """Samples per rank in DALI's split: rank r reads samples [r N / W, (r + 1) N / W) of the concatenation."""
@@ -37,37 +39,43 @@ class ShardSet:
         pad_last_batch), so that all ranks take the same number of steps."""
         return -(-max(self.rank_sizes(world_size)) // batch_size)
 
+    def shuffle_fill(self, buffer: int, world_size: int) -> int:
+        """Clips DALI's shuffle buffer holds: `buffer`, at most a rank's part of the set. A larger one shuffles no
+        better, costs host memory, and DALI fills it before the first batch by reading the set round again (from a
+        store: 1024 clips of an 8-clip set took 105 s)."""
+        return min(buffer, max(self.rank_sizes(world_size)))
 
-def shard_damage(shards_dir: str, shard: dict) -> str | None:
-    """What is wrong with one shard of the manifest, or None."""
-    tar, index = os.path.join(shards_dir, shard["tar"]), os.path.join(shards_dir, shard["index"])
-    if not os.path.isfile(tar):
+
+def shard_damage(sizes: dict, shard: dict) -> str | None:
+    """What is wrong with one shard of the manifest, or None, from the store's {file name: bytes}."""
+    if shard["tar"] not in sizes:
         return f"{shard['tar']}: missing"
-    size, expected = os.path.getsize(tar), shard.get("bytes")
+    size, expected = sizes[shard["tar"]], shard.get("bytes")
     if expected is not None and size != expected:
         return f"{shard['tar']}: {size:,} bytes, the manifest says {expected:,} (cut short by an unfinished copy?)"
-    if not os.path.isfile(index) or os.path.getsize(index) == 0:
+    if not sizes.get(shard["index"]):
         return f"{shard['index']}: missing or empty (the shard's DALI index)"
     return None
 
 
-def open_shard_set(shards_dir: str, split: str, skip_damaged: bool = False) -> ShardSet:
-    """The split's shards from OUT/manifest.json, each checked against it. Damaged ones are refused, or with
-    skip_damaged left out, loudly."""
-    if not os.path.isdir(shards_dir):
-        raise FileNotFoundError(f"no shards folder {shards_dir}")
-    manifest = read_manifest(shards_dir)
+def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> ShardSet:
+    """The split's shards from the manifest at `location` (a folder or a store's URL: shard_store.py), each checked
+    against it. Damaged ones are refused, or with skip_damaged left out, loudly."""
+    store = open_store(location)
+    manifest = read_manifest(location)
     if split not in manifest["splits"]:
-        raise ValueError(f"{shards_dir} has no {split!r} split; it has {sorted(manifest['splits'])}")
+        raise ValueError(f"{location} has no {split!r} split; it has {sorted(manifest['splits'])}")
     info = manifest["splits"][split]
     if not info["shards"]:
-        raise ValueError(f"{shards_dir}: the {split!r} split has no shards")
-    damage = {i: problem for i, shard in enumerate(info["shards"]) if (problem := shard_damage(shards_dir, shard))}
+        raise ValueError(f"{location}: the {split!r} split has no shards")
+    store.fetch({name: size for s in info["shards"] for name, size in ((s["tar"], s.get("bytes")), (s["index"], None))})
+    sizes = store.sizes()
+    damage = {i: problem for i, shard in enumerate(info["shards"]) if (problem := shard_damage(sizes, shard))}
     if damage and not skip_damaged:
         raise DamagedShards(
-            f"{len(damage)} of the {len(info['shards'])} {split!r} shards in {shards_dir} are damaged:\n  "
-            + "\n  ".join(list(damage.values())[:10]) + ("\n  ..." if len(damage) > 10 else "")
-            + "\nCopy them again from where the set was built (or rebuild it with tools/build_shards.py). To train "
+            f"{len(damage)} of the {len(info['shards'])} {split!r} shards in {location} are damaged: "
+            + "; ".join(list(damage.values())[:10]) + ("; ..." if len(damage) > 10 else "")
+            + ". Copy them again from where the set was built (or rebuild it with tools/build_shards.py). To train "
               "without them, set skip_damaged_shards=True: their clips are left out.")
     kept = [shard for i, shard in enumerate(info["shards"]) if i not in damage]
     samples = info["samples"]
@@ -77,7 +85,7 @@ def open_shard_set(shards_dir: str, split: str, skip_damaged: bool = False) -> S
         log.warning("training WITHOUT %d damaged %r shards (%d of %d clips, %.1f%%): %s", len(damage), split, lost,
                     info["samples"], 100 * lost / max(1, info["samples"]), "; ".join(damage.values()))
         if not kept:
-            raise DamagedShards(f"every {split!r} shard in {shards_dir} is damaged: nothing to train on")
-    return ShardSet([os.path.join(shards_dir, s["tar"]) for s in kept],
-                    [os.path.join(shards_dir, s["index"]) for s in kept], samples,
-                    sum(s.get("bytes", 0) for s in kept), info.get("formats") or info["codecs"], manifest["label_map"])
+            raise DamagedShards(f"every {split!r} shard in {location} is damaged: nothing to train on")
+    return ShardSet([store.dali_path(s["tar"]) for s in kept], [store.dali_path(s["index"]) for s in kept], samples,
+                    sum(s.get("bytes", 0) for s in kept), info.get("formats") or info["codecs"], manifest["label_map"],
+                    location, store.streamed)

@@ -443,3 +443,14 @@ def test_a_new_decoder_backend_plugs_in_without_touching_the_loader(vp9_shards):
         assert np.all(np.abs(pixels(batch["video"]).astype(int) - 100) <= 1)
         seen += 1
     assert seen == len(loader) == 6
+
+
+def test_the_shuffle_buffer_holds_at_most_a_ranks_part_of_the_set(tmp_path, caplog):
+    """A larger buffer shuffles no better, and DALI fills it before the first batch by reading the set round again."""
+    shards = make_shards(tmp_path, n=10, frames=24)
+    with caplog.at_level(logging.INFO, logger="dali_pipes"):
+        loader = build_pretrain_loader(shards, batch_size=2, repeats=1, num_frames=2, crop_size=16, num_threads=1,
+                                       world_size=3, rank=2)
+    assert loader.shards.rank_sizes(3) == [3, 3, 4]
+    assert [loader.shards.shuffle_fill(n, 3) for n in (1024, 4, 2)] == [4, 4, 2]
+    assert "shuffle buffer: 4 clips" in caplog.text and "shuffle_buffer=1024" in caplog.text

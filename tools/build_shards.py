@@ -4,6 +4,7 @@
     python tools/build_shards.py --list train.txt --out shards/k400 --codec vp9 --workers 32
     python tools/build_shards.py --root k400/train --out shards/k400 --split train --limit 100
     python tools/build_shards.py --ssv2 ssv2/labels --videos ssv2/20bn-something-something-v2 --out shards/ssv2
+    python tools/build_shards.py --root k400/val --split val --out s3://bucket/k400   # built in --staging, uploaded
 
 Every clip is probed and test-decoded; bad ones are skipped with the reason recorded in OUT/manifest.json.
 Killed at any point (even SIGKILL), the same command run again finishes the job: committed shards are kept, the
@@ -27,8 +28,10 @@ from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
-from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info, read_manifest
+from dali_pipes.shard_format import MANIFEST, RECOMMENDED_SHORT_SIDE, pack_info
+from dali_pipes.shard_store import HttpStore, LocalStore, StoreRefused, open_store
 from tools.shard_building.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
+from tools.shard_building.publish import publish, staging_folder
 from trainer.atomic_files import atomic_write_text
 from tools.shard_building.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
 from tools.shard_building.video_sources import (build_label_map, from_class_folders, from_kinetics_csv,
@@ -60,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "{labels,train,validation,test}.json); splits train, val, test (unlabelled)")
     p.add_argument("--videos", help="video folder for --csv (flat or class folders) and --ssv2 (<id>.webm); path "
                                     "prefix for --list")
-    p.add_argument("--out", required=True, help="output folder for the shards, their indexes and manifest.json")
+    p.add_argument("--out", required=True, help="output folder for the shards, their indexes and manifest.json, or "
+                                                "s3://bucket/prefix (gs://: README, Data in object storage): built "
+                                                "in --staging, then uploaded, the manifest last")
+    p.add_argument("--staging", help="--out s3://...: the local folder the set is built in first (default: one per "
+                                     "location under the system's temp folder); a rerun resumes from it")
     p.add_argument("--split", help="--csv, --ssv2: comma-separated splits to build (default: all); "
                                    "--list/--root: the split's name (default: train)")
     p.add_argument("--codec", choices=CODECS, default="copy",
@@ -117,9 +124,9 @@ def load_sources(args):
     return by_split, sources
 
 
-def existing_manifest(out: str) -> dict | None:
-    """The manifest of the set already in OUT (a later build adds its splits to it), or None."""
-    return read_manifest(out) if os.path.isfile(os.path.join(out, MANIFEST)) else None
+def existing_manifest(location: str) -> dict | None:
+    """The manifest of the set already at the location (a later build adds its splits to it), or None."""
+    return open_store(location).read_json(MANIFEST)
 
 
 def settle_label_map(args, sources, existing: dict | None) -> dict:
@@ -345,6 +352,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     try:
+        store = open_store(args.out)
+    except StoreRefused as err:
+        sys.exit(f"error: {err}")
+    if isinstance(store, HttpStore):
+        sys.exit("error: --out cannot be an http(s) server: build into a folder the server serves, or into s3://")
+    if not isinstance(store, LocalStore):  # an object store: built locally first, published at the end
+        args.out, args.target = args.staging or staging_folder(args.out), args.out
+    try:
         by_split, sources = load_sources(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
@@ -356,10 +371,10 @@ def main(argv=None) -> int:
     except OutputLocked as err:
         sys.exit(f"error: {err}")
     with lock:
-        existing = existing_manifest(args.out)
         try:
+            existing = existing_manifest(getattr(args, "target", args.out))
             label_map = settle_label_map(args, sources, existing)
-        except ValueError as err:
+        except (ValueError, StoreRefused) as err:
             sys.exit(f"error: {err}")
         if existing is not None:
             print(f"{args.out} holds splits {sorted(existing['splits'])}: adding {sorted(by_split)} with the set's "
@@ -393,6 +408,11 @@ def build(args, by_split, label_map, start: float, existing: dict | None = None)
     if not written:
         print("error: nothing was written: every clip was skipped", file=sys.stderr)
         return 1
+    if hasattr(args, "target"):
+        names = [name for split in results for shard in manifest["splits"][split]["shards"]
+                 for name in (shard["tar"], shard["index"])]
+        files, size = publish(open_store(args.target), args.out, names)
+        print(f"published {files} files, {size / 1e6:.1f} MB, to {args.target} (the manifest last)")
     return 0
 
 

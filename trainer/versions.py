@@ -9,6 +9,8 @@ The floors are the ones pyproject.toml declares (a test keeps the two equal), an
   (deepspeedai/DeepSpeed#5608, June 2024).
 - av (PyAV) 14.1: VideoFrame.rotation (PyAV-Org/PyAV#1675) and add_stream_from_template (#1613), which the shard
   builder uses for phone videos and for clips cut before their first keyframe.
+- boto3 1.28 (botocore 1.31.0, July 2023): the first that takes AWS_ENDPOINT_URL from the environment, which is how
+  an S3-compatible store (and GCS's S3 API) is named for shard sets in object storage (dali_pipes/shard_store.py).
 Versions are read from the installed distributions' metadata, so the check costs no imports.
 """
 
@@ -16,7 +18,8 @@ import importlib.metadata
 import re
 
 FLOORS = {"torch": "2.4", "nvidia-dali": "1.48", "deepspeed": "0.14.4", "webdataset": "0.2.86", "einops": "0.7",
-          "tensorboard": "2.14", "av": "14.1", "tqdm": "4.66", "pillow": "9", "numpy": "1.24"}
+          "tensorboard": "2.14", "av": "14.1", "tqdm": "4.66", "pillow": "9", "numpy": "1.24",
+          "boto3": "1.28"}
 # DALI is published per CUDA major (nvidia-dali-cuda120, -cuda130, ...); any of them will do
 _DISTRIBUTION_PREFIX = {"nvidia-dali": "nvidia-dali-cuda"}
 
