@@ -28,6 +28,7 @@ class LoaderOptions:
     rand_augment: tuple[int, int] | None = None  # (ops, magnitude): DALI's RandAugment per view
     skip_damaged_shards: bool = False  # train without shards that are cut short or lack their index (logged)
     dont_use_mmap: bool = False  # network filesystems (NFS, Lustre, GPFS): plain reads instead of memory maps
+    mixture: dict | None = None  # {set name: weight} for the named sets of `shards` that give no weight (mixture.py)
 
     def __post_init__(self):
         checks.refuse("loader options", self.problems())
@@ -44,6 +45,9 @@ class LoaderOptions:
             "shuffle_buffer": (checks.integer(1), "an integer >= 1"),
             "rand_augment": (checks.optional(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(
                 map(checks.integer(0), v))), "None, or (number of ops, magnitude) as two integers >= 0"),
+            "mixture": (checks.optional(lambda v: isinstance(v, dict) and all(
+                isinstance(k, str) and checks.number(above=0)(w) for k, w in v.items())),
+                "None, or {set name: weight > 0}"),
             **{name: (checks.boolean, "True or False") for name in ("shuffle", "skip_damaged_shards",
                                                                      "dont_use_mmap")},
         })
@@ -53,7 +57,7 @@ class LoaderOptions:
 class LoaderConfig(LoaderOptions):
     """LoaderOptions (keyword-only) and where the loader runs; shards and views may be given by position."""
 
-    shards: str  # a folder built by tools/build_shards.py
+    shards: str  # a folder built by tools/build_shards.py, or a mixture of them (dali_pipes/mixture.py parse_data)
     views: TrainViews | EvalViews = field(default_factory=TrainViews)  # which views of each clip, and how laid out
     batch_size: int = 8  # decoded clips per batch; the batch holds batch_size x views_per_clip rows
     rank: int = 0

@@ -1,6 +1,7 @@
-"""Where one rank's stream of batches stands, as one value. The shard reader advances it batch by batch, every Feed
-carries the cursor after its batch, and the loader's state is the cursor of the last batch it handed out: resuming
-from it continues with the very next batch, in the same order.
+"""Where one rank's stream of batches stands, as one value. Each set's shard reader advances its Cursor batch by
+batch; the loader draws each batch from one set of its mixture (dali_pipes/mixture.py) and every Feed it hands on
+carries the StreamCursor after its batch: all the sets' Cursors and the stream's batch count. The loader's state is
+the StreamCursor of the last batch it handed out: resuming from it continues with the very next batch, same order.
 """
 
 from dataclasses import asdict, dataclass
@@ -34,3 +35,30 @@ class Cursor:
     def fresh(cls, epoch: int, position: int = 0) -> "Cursor":
         """Batch `position` of `epoch`, read by a new reader started there with an order of its own."""
         return cls(epoch, position, reader_start=epoch, reader_offset=position)
+
+
+@dataclass(frozen=True)
+class StreamCursor:
+    """Where a loader's stream of batches stands when it mixes sets (one set: the mixture of one): the stream's
+    epoch and position (its batch count), and the Cursor of each set's reader. The loader's state is this value."""
+
+    epoch: int = 0  # of the next batch of the stream: an epoch is as many batches as all the sets make
+    position: int = 0  # its number within the epoch
+    sets: tuple = (Cursor(),)  # per set, in the mixture's order: where its reader stands
+
+    def after(self, index: int, cursor: Cursor, epoch_length: int) -> "StreamCursor":
+        """The stream after a batch of set `index` that left its reader at `cursor`."""
+        sets = self.sets[:index] + (cursor,) + self.sets[index + 1:]
+        position = self.position + 1
+        return StreamCursor(self.epoch + position // epoch_length, position % epoch_length, sets)
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "sets": [c.as_dict() for c in self.sets]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "StreamCursor":
+        """A state saved before mixtures (a plain Cursor's) is the stream of its one set."""
+        if "sets" not in state:
+            cursor = Cursor.from_dict(state)
+            return cls(cursor.epoch, cursor.position, (cursor,))
+        return cls(state["epoch"], state["position"], tuple(Cursor.from_dict(c) for c in state["sets"]))

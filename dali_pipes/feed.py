@@ -1,5 +1,6 @@
 """One batch on its way from the reading thread to the views pipelines: each clip's data (encoded, or the frames a
-host decoder made of it), its plan, label and name, and the cursor after the batch.
+host decoder made of it), its plan, label and name, and the cursor after the batch (its set reader's Cursor as the
+reading thread makes it, the loader's StreamCursor once the mixture has drawn it).
 
 Clips that reach the pipelines encoded (a DALI decoder reads them) come first, decoded ones after: each kind is one
 contiguous part of the batch, run by the views pipeline of its kind (pipeline_pool.py) and written into its slice of
@@ -10,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from dali_pipes.cursor import Cursor
+from dali_pipes.cursor import Cursor, StreamCursor
 
 KINDS = ("encoded", "decoded")  # what a part's clips hold, in batch order
 
@@ -25,7 +26,7 @@ class Feed:
     labels: np.ndarray  # int64 [B]
     names: list  # per clip: 'shard.tar:offset:key.ext'
     indices: np.ndarray  # int64 [B]: the clip's number in this rank's epoch, -1 for the epoch's padding
-    cursor: Cursor  # where the stream stands after this batch
+    cursor: Cursor | StreamCursor  # where the stream stands after this batch
 
     def ordered(self) -> "Feed":
         """The same clips, encoded ones first (a stable order)."""

@@ -8,47 +8,94 @@
 Two DALI stages with a thread between them, for three reasons: the reading thread alone touches DALI's reader, so
 the order of batches, and with it exact resume, does not depend on timing; several views pipelines can run at
 once (one per NVDEC engine); and the next batch decodes while training computes on this one. What differs between
-training and testing is data: the LoaderConfig's views (sampling.TrainViews / EvalViews).
+training and testing is data: the LoaderConfig's views (sampling.TrainViews / EvalViews). A mixture of shard sets
+(mixture.py) is one shard reader and reading thread per set, and the schedule choosing the set of each batch.
 """
 
 import dataclasses
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 from dali_pipes.config import LoaderConfig
-from dali_pipes.cursor import Cursor
+from dali_pipes.cursor import Cursor, StreamCursor
 from dali_pipes.decoders import choose_route, gpu_capability
 from dali_pipes.feeder import Feeder
+from dali_pipes.mixture import Schedule, ShardSource, parse_data, required_single
 from dali_pipes.pipeline_pool import PipelinePool
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec
-from dali_pipes.shard_set import open_shard_set
+from dali_pipes.shard_set import ShardSet, open_shard_set
 
 log = logging.getLogger("dali_pipes")
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One set of the loader's mixture: its shards and the config its own reader and plans run with."""
+
+    source: ShardSource
+    shards: ShardSet
+    config: LoaderConfig  # the loader's, with this set's location, plan options and seed
+
+
 class VideoLoader:
     """Iterate for one epoch of `len(loader)` batches of {'video': [B*V, 3, T, S, S], 'label': [B*V]} (and
-    'video_index' with clip-major views), V views per clip. `state_dict` / `load_state_dict` resume exactly."""
+    'video_index' with clip-major views), V views per clip. `state_dict` / `load_state_dict` resume exactly.
+
+    `config.shards` may name a weighted mixture of sets (dali_pipes/mixture.py): each batch then comes whole from
+    one set, each set read by its own reader; one set is the mixture of one."""
 
     def __init__(self, config: LoaderConfig):
         self.config = config
-        self.shards = open_shard_set(config.shards, config.split, config.skip_damaged_shards)
-        smallest = min(self.shards.rank_sizes(config.world_size))
-        if config.batch_size > smallest:
-            raise ValueError(f"batch_size {config.batch_size} is larger than the {smallest} samples each of "
-                             f"{config.world_size} rank(s) gets from the {self.shards.num_samples} in "
-                             f"{config.shards} ({config.split})")
-        self.route = choose_route(config.decoder, self.shards.formats, gpu_capability(config.device))
+        self.sources = parse_data(config.shards, config.mixture)
+        if not isinstance(config.views, TrainViews):
+            required_single(self.sources, "testing")
+        self.members = [self._member(i, source) for i, source in enumerate(self.sources)]
+        formats = sum((Counter(m.shards.formats) for m in self.members), Counter())
+        self.route = choose_route(config.decoder, dict(formats), gpu_capability(config.device))
         log.info("video decoder: %s (%s)", self.route.name, self.route.why)
         if config.shuffled:
-            clip_mb = self.shards.num_bytes / max(1, self.shards.num_samples) / 1e6
-            log.info("shuffle buffer: %d clips x %.2f MB = %.2f GB of host memory in this process (shuffle_buffer)",
-                     config.shuffle_buffer, clip_mb, config.shuffle_buffer * clip_mb / 1e3)
+            clips = [m.shards.shuffle_fill(config.shuffle_buffer, config.world_size) for m in self.members]
+            gb = sum(n * m.shards.num_bytes / max(1, m.shards.num_samples) for n, m in zip(clips, self.members)) / 1e9
+            log.info("shuffle buffer: %s clips = %.2f GB of host memory in this process (shuffle_buffer=%d, at most "
+                     "a rank's part of %s)", " + ".join(map(str, clips)), gb, config.shuffle_buffer,
+                     f"each of the {len(clips)} sets" if len(clips) > 1 else "the set")
+        self.schedule = Schedule(tuple(s.weight for s in self.sources), config.seed, config.world_size)
+        if len(self.members) > 1:
+            log.info("mixture of %d sets, each batch from one set; an epoch is %d batches per rank: %s",
+                     len(self.members), len(self), "; ".join(
+                         f"{m.source.name} ({m.source.location}) {100 * m.source.weight:.1f}% of batches, "
+                         f"{m.source.weight * len(self) / self._set_length(m):.2f} passes per epoch"
+                         for m in self.members))
         self.pool = PipelinePool(config, self.route)
-        self.cursor = Cursor()  # after the last batch handed out: where iterating goes on
-        self._feeder = self._batches = None  # the reading thread, and the pool's stream of batches from it
+        self.cursor = StreamCursor(sets=(Cursor(),) * len(self.members))  # after the last batch handed out
+        self._feeders = self._batches = None  # the sets' reading threads, and the pool's stream of batches from them
+
+    def _member(self, index: int, source: ShardSource) -> _Member:
+        c = self.config
+        # each set its own shuffle and augmentation draws; set 0 keeps the seed: one set is the loader it always was
+        config = dataclasses.replace(c, shards=source.location, mixture=None, seed=c.seed + index,
+                                     views=dataclasses.replace(c.views, spec=source.views(c.views.spec)))
+        shards = open_shard_set(source.location, c.split, c.skip_damaged_shards)
+        smallest = min(shards.rank_sizes(c.world_size))
+        if c.batch_size > smallest:
+            raise ValueError(f"batch_size {c.batch_size} is larger than the {smallest} samples each of "
+                             f"{c.world_size} rank(s) gets from the {shards.num_samples} in {source.location} "
+                             f"({c.split})")
+        return _Member(source, shards, config)
+
+    def _set_length(self, member: _Member) -> int:
+        return member.shards.batches_per_epoch(self.config.batch_size, self.config.world_size)
 
     def __len__(self) -> int:
-        return self.shards.batches_per_epoch(self.config.batch_size, self.config.world_size)
+        """Batches per epoch: as many as all the sets' clips make (one set: its own)."""
+        return sum(self._set_length(m) for m in self.members)
+
+    @property
+    def shards(self) -> ShardSet:
+        """The shards of a one-set loader."""
+        required_single(self.sources, "loader.shards")
+        return self.members[0].shards
 
     @property
     def epoch(self) -> int:
@@ -63,43 +110,66 @@ class VideoLoader:
     def __iter__(self):
         """The rest of the current epoch (all of it at the start, or after its last batch)."""
         if self._batches is None:
-            self._feeder = Feeder(self.config, self.shards, self.route, self.cursor)
-            self._batches = self.pool.batches(self._feeder)
+            self._feeders = [Feeder(m.config, m.shards, self.route, cursor)
+                             for m, cursor in zip(self.members, self.cursor.sets)]
+            self._batches = self.pool.batches(self._mixed(self.cursor))
         for feed, batch in self._batches:
             self.cursor = feed.cursor
             yield batch
             if feed.cursor.position == 0:  # that was the epoch's last batch
                 return
 
+    def _mixed(self, stream: StreamCursor):
+        """The sets' Feeds in the schedule's order from `stream` on, each carrying the StreamCursor after it."""
+        length = len(self)
+        while True:
+            index = self.schedule.set_of(self.config.rank, stream.epoch * length + stream.position)
+            feed = next(self._feeders[index])
+            stream = stream.after(index, feed.cursor, length)
+            yield dataclasses.replace(feed, cursor=stream)
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor.as_dict(), "repair": self.pool.repair.state_dict(), "layout": self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken: the next batch, same order. Saved with another layout of ranks (world
-        size, batch size), the epoch goes on from the batch that the clips read so far reach, in a fresh order."""
+        size, batch size), the epoch goes on from the batch that the clips read so far reach, in a fresh order
+        (each set's reader, and the mixture's count, alike). A state saved before mixtures loads as one set's."""
         self.close()
         self.pool.repair.load_state_dict(state["repair"])
-        cursor, layout = Cursor.from_dict(state["cursor"]), state["layout"]
+        stream, layout = StreamCursor.from_dict(state["cursor"]), state["layout"]
+        if len(stream.sets) != len(self.members):
+            raise ValueError(f"the loader state holds {len(stream.sets)} set(s) but this loader mixes "
+                             f"{len(self.members)} ({', '.join(s.name for s in self.sources)}): resume with the "
+                             "run's --data")
         if layout == self._layout():
-            self.cursor = cursor
+            self.cursor = stream
             return
-        read = cursor.position * layout["batch_size"] * layout["world_size"]  # clips read this epoch, all ranks
+        read = stream.position * layout["batch_size"] * layout["world_size"]  # clips read this epoch, all ranks
         clips_per_batch = self.config.batch_size * self.config.world_size
-        position = read // clips_per_batch
-        epoch = cursor.epoch + position // len(self)
-        self.cursor = Cursor.fresh(epoch, position % len(self))
+        sets = tuple(Cursor.fresh(*self._moved(c, layout, self._set_length(m)))
+                     for c, m in zip(stream.sets, self.members))
+        self.cursor = StreamCursor(*self._moved(stream, layout, len(self)), sets)
         log.warning("loader state saved by %d rank(s) x %d clips per batch, now %d x %d: epoch %d goes on at batch "
                     "%d of %d (%d clips read of it%s), in a fresh order for the rest of it", layout["world_size"],
-                    layout["batch_size"], self.config.world_size, self.config.batch_size, cursor.epoch,
+                    layout["batch_size"], self.config.world_size, self.config.batch_size, stream.epoch,
                     self.cursor.position, len(self), read,
                     "" if read % clips_per_batch == 0 else f"; {read % clips_per_batch} more are read again")
 
+    def _moved(self, cursor, layout: dict, length: int) -> tuple[int, int]:
+        """(epoch, position) on this layout of ranks of a stream of `length` batches per epoch that stood at
+        `cursor` (epoch, position) on `layout`: the batch the clips read so far reach."""
+        read = cursor.position * layout["batch_size"] * layout["world_size"]
+        position = read // (self.config.batch_size * self.config.world_size)
+        return cursor.epoch + position // length, position % length
+
     def close(self) -> None:
-        """Stop the reading thread and drop the batches in flight (both also stop with the process)."""
-        if self._feeder is not None:
-            self._feeder.stop()
+        """Stop the reading threads and drop the batches in flight (both also stop with the process)."""
+        if self._feeders is not None:
+            for feeder in self._feeders:
+                feeder.stop()
             self.pool.drain()
-        self._feeder = self._batches = None
+        self._feeders = self._batches = None
 
     def _layout(self) -> dict:
         c = self.config

@@ -5,6 +5,7 @@ throughput, and a projection for one GPU.
     python tools/benchmark.py all --shards demo_data/shards --json bench.json      # CPU: about 5 minutes
     python tools/benchmark.py loader --shards shards/k400 --preset full             # a GPU node
     python tools/benchmark.py loader --shards ssv2_demo/shards --sampling segments   # SSv2's sampling
+    python tools/benchmark.py loader --shards "k400=demo_data/shards:0.7,ssv2=ssv2_demo/shards:0.3:sampling=segments"
 
 Modes:
     loader        the pretraining loader, per decoder path available here, for R = 1, 2, 4 views per clip, batches
@@ -40,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from dali_pipes.mixture import parse_data  # noqa: E402
 from tools.bench.contender import Contender  # noqa: E402
 from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection  # noqa: E402
 
@@ -339,7 +341,8 @@ def print_report(rows: list[dict], found: dict, costs: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES))
-    p.add_argument("--shards", default="demo_data/shards", help="shards built by tools/build_shards.py")
+    p.add_argument("--shards", default="demo_data/shards", help="shards built by tools/build_shards.py (the loader "
+                   "mode also takes a mixture, as trainer --data: NAME=LOCATION:WEIGHT[:option=value...],...)")
     p.add_argument("--split", default="train")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
@@ -355,6 +358,8 @@ def main(argv=None) -> int:
     cfg.update({k: v for k in PRESETS["small"] if (v := getattr(args, k)) is not None})
     if cfg["rounds"] < 1:
         p.error("--rounds must be at least 1")
+    if args.mode != "loader" and len(parse_data(args.shards)) > 1:
+        p.error(f"--shards names a mixture: only the loader mode reads one ({args.mode} measures one set)")
     info = machine()
     cfg["device"] = "cuda" if info["gpu"] else "cpu"
     print(f"machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}; torch {info['torch']}, "

@@ -1,13 +1,15 @@
 """The trainers' command line: the arguments, everything that can be checked before a process group, DeepSpeed or
 DALI starts (the recipe and its overrides, the model's options, a resume's changes, the installed versions), and
-the exit codes: 0 done, 2 refused before starting, 3 stopped by the loss guard, 75 stopped by a signal
-(checkpointed; start again to resume)."""
+the exit codes: 0 done, 2 refused before starting (a shard store that cannot serve the set too: credentials, bucket,
+manifest, index), 3 stopped by the loss guard, 4 the shard store stopped answering during the run (after the
+reader's retries; the checkpoints are kept: start again to resume), 75 stopped by a signal (checkpointed; start
+again to resume)."""
 
 import argparse
 import sys
 
-from dali_pipes.shard_format import read_manifest
 from trainer.checkpointing import Checkpointer
+from trainer.data import task_manifest
 from trainer.recipes import CHANGEABLE_ON_RESUME, recipe_changes, resolve_recipe
 from trainer.run import Run
 from trainer.run_folder import NotShared
@@ -19,7 +21,9 @@ def parse_args(task_type, argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ds_config", required=True, help="DeepSpeed config (ds_configs/*.json)")
     p.add_argument("--recipe", required=True, help=f"one of {sorted(task_type.recipes)}")
-    p.add_argument("--data", required=True, help="shards built by tools/build_shards.py")
+    p.add_argument("--data", required=True, help="shards built by tools/build_shards.py (a folder, s3://bucket/prefix, "
+                   "gs://..., http(s)://...: README, Data in object storage), or a weighted mixture of "
+                   "them: NAME=LOCATION:WEIGHT[:option=value...],... (README: Mixtures)")
     p.add_argument("--output", required=True, help="run folder: checkpoints, logs; an existing one is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointing at the end)")
     p.add_argument("--allow-changes", action="store_true",
@@ -35,8 +39,8 @@ def resolve(task_type, args: argparse.Namespace):
     the recipe, its overrides and the model's options in one ValueError; nothing heavy is started."""
     problems = []
     task = task_type.from_args(args, resolve_recipe(task_type.recipes, args.recipe, args.overrides, problems))
-    try:  # the model's options too, in the same message
-        model_cfg = task.model_config(read_manifest(args.data))
+    try:  # the model's options and the --data spec too, in the same message
+        model_cfg = task.model_config(task_manifest(args.data, task.recipe.loading, task))
     except (ValueError, TypeError) as err:
         problems.append(str(err))
     if problems:

@@ -28,6 +28,7 @@ class Pretraining(Task):
     recipes = PRETRAIN_RECIPES
     description = __doc__
     export_name = "mae_st_pretrain.pth"
+    mixes_sets = True  # (labels unread)
 
     def model_config(self, manifest):
         model = self.recipe.model

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from dali_pipes import VideoLoader
-from dali_pipes.shard_format import read_manifest
+from dali_pipes.shard_store import StoreUnavailable
 from models.attention import cpu_has_native_bf16, describe_attention
 from trainer.checkpointing import Checkpointer
-from trainer.data import loader_config
+from trainer.data import loader_config, pixels_median
 from trainer.device_peak import device_peak_flops
 from trainer.ds_config import plan_batch, read_ds_config
 from trainer.engine import build_engine, init_distributed
@@ -38,6 +38,7 @@ from trainer.run_folder import check_shared
 
 log = logging.getLogger("trainer")
 PREEMPTED = "preempted"  # what run_steps returns when a stop signal ended it (after checkpointing)
+EXIT_STORE_UNAVAILABLE = 4  # the shard store stopped answering (trainer/cli.py's exit codes)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Run:
         if ds_config.bf16 and self.env.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("bf16 on a CPU without AVX512-BF16/AMX runs matmuls ~100x slower than fp32 (measured 1 vs "
                         "166 GFLOP/s): ds_configs/cpu.json trains in fp32")
-        pixels = read_manifest(args.data)["splits"].get(recipe.loading.split, {}).get("pixels_median")
+        pixels = pixels_median(args.data, recipe.loading)
         model_cfg, self.memory_note = plan_recompute(model_cfg, recipe, ds_config, self.batch, task.views_per_clip(),
                                                      device_capacity(self.env.device), pixels)
         _seed_everything(recipe.run.seed + self.env.rank)
@@ -179,7 +180,10 @@ class Run:
     def train(self) -> int:
         """Train to the end (or --max-steps), checkpoint, export, finish; returns the process exit code."""
         trains = self.task.trains
-        problem = self.run_steps(self.stop_at) if trains else None
+        try:
+            problem = self.run_steps(self.stop_at) if trains else None
+        except StoreUnavailable as err:  # the checkpoints stay as they are: a restart resumes from the last one
+            return self._stop(str(err), EXIT_STORE_UNAVAILABLE, "start again when the store answers")
         if problem == PREEMPTED:
             return self._preempted()
         if problem:
@@ -304,16 +308,16 @@ class Run:
         self.close()
         return EXIT_PREEMPTED
 
-    def _stop(self, problem: str) -> int:
+    def _stop(self, problem: str, code: int = 3, advice: str = "lower blr, or raise warmup_epochs, first") -> int:
         latest = self.checkpointer.latest()
         where = f"the last good checkpoint is {os.path.join(self.checkpointer.dir, latest)}" if latest \
             else "no checkpoint was written yet"
         message = (f"{problem}. Nothing after the last checkpoint is saved; {where} "
-                   "(a restart resumes from it: lower blr, or raise warmup_epochs, first)")
+                   f"(a restart resumes from it: {advice})")
         if self.env.is_main:
             log.error(message)
         self.close()
-        return 3
+        return code
 
 
 def _due(step: int, every: int) -> bool:

@@ -30,6 +30,7 @@ class Task:
     recipes: dict = {}
     description: str = ""
     trains: bool = True  # False: evaluation only
+    mixes_sets: bool = False  # --data may be a mixture of shard sets (labels are per set: only if it reads none)
     export_name: str = ""  # the fp32 weights written at the end: RUN_DIR/export/<export_name>, in mae_st's format
 
     def __init__(self, recipe):

@@ -2,7 +2,8 @@
 loaders, pipelines, batches read beforehand) and returns the function that runs one round: cfg["warmup"] batches
 untimed (the pipeline back to its steady state after the pause between rounds), then cfg["batches"] timed.
 
-- loader: our loader (batches as the model takes them: normalized, on the device)
+- loader: our loader (batches as the model takes them: normalized, on the device); the only one that reads a
+  mixture of shard sets (cfg["shards"] a --data mixture spec, dali_pipes/mixture.py)
 - baseline: a hand-written PyTorch DataLoader, or the mae_st way (tools/bench/baselines.py)
 - decode_limit: decoding the same frames and nothing else, of batches read and planned beforehand
 - stages: the views pipeline taken apart on batches read beforehand: decoding; + each view's resize; + the rest of
@@ -178,10 +179,16 @@ def _gpu():
 
 def available_decoders(cfg: dict) -> list[str]:
     """The loader's decoders that read every clip of the shards here, the one `auto` picks first."""
+    from collections import Counter
+
     from dali_pipes.decoders import DECODERS, choose_route
+    from dali_pipes.mixture import parse_data
     from dali_pipes.shard_set import open_shard_set
 
-    formats, found = open_shard_set(cfg["shards"], cfg["split"]).formats, []
+    # (of a mixture, every set's: the loader picks one decoder route for all of them)
+    formats = sum((Counter(open_shard_set(s.location, cfg["split"]).formats) for s in parse_data(cfg["shards"])),
+                  Counter())
+    found = []
     for decoder in DECODERS:
         try:
             choose_route(decoder, formats, _gpu())
