@@ -31,8 +31,8 @@ def test_preflight_on_a_cpu_passes_what_a_cpu_can_check_and_skips_the_rest(demo_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.load(open(out / "preflight.json"))
     status = {c["name"]: c["status"] for c in report["checks"]}
-    assert status == {"versions": "PASS", "shared folder": "PASS", "all-reduce": "SKIP", "NVDEC": "SKIP",
-                      "shards": "PASS", "host decoder": "PASS", "attention": "PASS", "memory": "PASS",
+    assert status == {"versions": "PASS", "shared folder": "PASS", "all-reduce": "SKIP", "shard store": "SKIP",
+                      "NVDEC": "SKIP", "shards": "PASS", "host decoder": "PASS", "attention": "PASS", "memory": "PASS",
                       "timed run": "PASS"}, result.stdout
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["NVDEC"]["summary"] == "skipped (no GPU)" and "measured: skipped (no GPU)" in checks["memory"][
@@ -41,6 +41,21 @@ def test_preflight_on_a_cpu_passes_what_a_cpu_can_check_and_skips_the_rest(demo_
     assert timed["clips_per_s_per_gpu"] > 0 and 0 < timed["mfu"] < 1 and timed["decoder"] == "dali-cpu"
     assert "PASS  timed run" in result.stdout and "result: 0 FAIL" in result.stdout
     assert not os.path.exists(out / "preflight_run")  # the timed run's own folder is cleaned up
+
+
+def test_preflight_checks_each_set_of_a_mixture_by_name(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    data = f"k400={demo_shards}:0.7,other={make_shards(tmp_path / 'other', n=8, frames=40)}:0.3:stride=2"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", data,
+                             "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+                             "--output", str(out), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = {c["name"]: c for c in json.load(open(out / "preflight.json"))["checks"]}
+    assert [name for name in checks if name.startswith("shard")] == ["shard store k400", "shard store other",
+                                                                      "shards k400", "shards other"]
+    assert "68 train clips" in checks["shards k400"]["summary"] and "8 train clips" in checks["shards other"][
+        "summary"]
+    assert checks["timed run"]["status"] == "PASS"
 
 
 def test_preflight_fails_with_the_fix_on_a_bad_recipe(demo_shards, tmp_path):

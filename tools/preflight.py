@@ -8,20 +8,24 @@ with the fix for each problem, and RUN_DIR/preflight.json. Exits 1 if anything F
     srun python tools/preflight.py ...                     # (or torchrun, mpirun: as the trainer)
 
 Checks: versions (and DALI's video decoder features), the output folder shared by every rank, all-reduce bus
-bandwidth within a node and across nodes with the transport NCCL chose, a probe clip of every codec in the shards
-decoded by the decoder it gets here (NVDEC on the GPU this runs on, or a host decoder), the shards against the
-hardware (formats this GPU's NVDEC cannot decode, frame sizes), the attention kernel that runs for the recipe's
-shapes, memory (one real micro-batch on a GPU; the estimate on a CPU), and a short timed run of the real trainer.
+bandwidth within a node and across nodes with the transport NCCL chose, a shard set in object storage (--data
+s3://...: reachable, credentials, every training shard and index at its size, one stream's read rate in MB/s), a
+probe clip of every codec in the shards decoded by the decoder it gets here (NVDEC on the GPU this runs on, or a
+host decoder), the shards against the hardware (formats this GPU's NVDEC cannot decode, frame sizes), the attention
+kernel that runs for the recipe's shapes, memory (one real micro-batch on a GPU; the estimate on a CPU), and a short
+timed run of the real trainer.
 On a CPU machine the GPU-only checks say "skipped (no GPU)". Recipe overrides work as in the trainers (key=value).
 Every rank takes part in every collective whatever fails on its side, with --timeout on each, so a rank that fails
 or hangs becomes a FAIL naming it instead of a job that hangs.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +37,15 @@ from tools.checks.report import FAIL, SKIP, Check, guarded, merge, write_report 
 RANK_REPORTS = ".preflight"  # each rank's checks, in --output: read when some rank does not answer the gather
 
 
+def named(check: Check, source, sources) -> Check:
+    """A check of one set of a mixture, named after it ("shards k400"); one set's keeps its plain name."""
+    return check if len(sources) == 1 else dataclasses.replace(check, name=f"{check.name} {source.name}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="shards built by tools/build_shards.py")
+    p.add_argument("--data", required=True, help="shards built by tools/build_shards.py (a folder, or s3://, gs://, "
+                                                 "http(s)://: the shard store check)")
     p.add_argument("--recipe", required=True, help="a pretraining or fine-tuning recipe (trainer/recipes.py)")
     p.add_argument("--ds_config", required=True, help="the DeepSpeed config the run will use")
     p.add_argument("--output", required=True, help="the run folder the run will use (preflight.json goes there)")
@@ -91,20 +101,22 @@ def main(argv=None) -> int:
     import torch
 
     from dali_pipes.decoders import choose_route, gpu_capability
-    from dali_pipes.shard_format import read_manifest
+    from dali_pipes.mixture import parse_data
     from dali_pipes.shard_set import open_shard_set
-    from tools.checks import decoding, environment, model, timed_run
+    from tools.checks import decoding, environment, model, store, timed_run
     from tools.checks.ranks import Ranks
     from trainer.ds_config import plan_batch, read_ds_config
     from trainer.engine import init_distributed
     from trainer.cli import resolve
+    from trainer.data import pixels_median
 
     args = parse_args(argv)
     results = [guarded("versions", environment.check_versions)]
     try:  # what the trainer refuses before starting anything: nothing else can be checked without it
         task_type = task_for(args.recipe)
         task, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
-        recipe, manifest = task.recipe, read_manifest(args.data)
+        recipe = task.recipe
+        sources = parse_data(args.data, recipe.loading.mixture)  # a mixture: each set's store and shards checked
     except (ValueError, TypeError, FileNotFoundError) as err:
         results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
         return write_report(results, "preflight stopped before starting any process", os.path.join(
@@ -123,9 +135,15 @@ def main(argv=None) -> int:
     views = task.views_per_clip()
     results.append(guarded("shared folder", environment.check_shared_folder, args.output, env.rank, env.world_size))
     results.append(guarded("all-reduce", environment.check_network, env.device, ranks, nccl_log))
+    results += [named(guarded("shard store", store.check_store, s.location, recipe.loading.split), s, sources)
+                for s in sources]
     route = None
     try:
-        formats = open_shard_set(args.data, recipe.loading.split, recipe.loading.skip_damaged_shards).formats
+        formats = Counter()
+        for source in sources:
+            formats.update(open_shard_set(source.location, recipe.loading.split,
+                                          recipe.loading.skip_damaged_shards).formats)
+        formats = dict(formats)
         route = choose_route(recipe.loading.decoder, formats, gpu_capability(env.device))
         results += decoding.check_decoders(route, formats, env.device)
     except (ValueError, FileNotFoundError) as err:
@@ -138,7 +156,7 @@ def main(argv=None) -> int:
         results.append(Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config or the recipe as "
                              "it says"))
     if batch:
-        pixels = manifest["splits"].get(recipe.loading.split, {}).get("pixels_median")
+        pixels = pixels_median(args.data, recipe.loading)
         results.append(guarded("attention", model.check_attention, model_cfg, env.device, ds_config.dtype))
         results.append(guarded("memory", model.check_memory, model_cfg, recipe, ds_config, batch, env.device, views,
                                pixels))
@@ -154,9 +172,10 @@ def main(argv=None) -> int:
         timed = Check("timed run", SKIP, f"not run: {where}")
     results.append(timed)
     if route is not None:
-        shards = guarded("shards", decoding.check_shards, args.data, recipe.loading.split, route, env.device,
-                         timed.figures.get("views_per_s_per_gpu"), views)
-        results.insert(4, shards)
+        after_stores = 3 + len(sources)  # versions, shared folder, all-reduce, then each set's store
+        results[after_stores:after_stores] = [
+            named(guarded("shards", decoding.check_shards, s.location, recipe.loading.split, route, env.device,
+                          timed.figures.get("views_per_s_per_gpu"), views), s, sources) for s in sources]
     folder = os.path.join(args.output, RANK_REPORTS)
     merged = merge(gather_reports(ranks, env.rank, [asdict(c) for c in results], folder))
     if not env.is_main:
