@@ -352,3 +352,40 @@ def test_splits_built_one_at_a_time_share_one_set(tmp_path):
     with pytest.raises(SystemExit, match=r"do not include \['bowling'\]"):
         build_shards.main(["--root", str(root), "--out", str(out), "--split", "test"])
     assert set(read_manifest(str(out))["splits"]) == {"train", "val"}  # refused before touching it
+
+
+
+GARBAGE_IN_A_WORKER = """
+import gc
+from nvidia.dali import fn, pipeline_def
+from tools.build_shards import prepare_all
+
+def collect_garbage(job):
+    gc.collect()
+    return job[0], "collected"
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None)
+def numbers():
+    return fn.random.uniform(range=[0, 1])
+
+if __name__ == "__main__":
+    gc.disable()
+    pipe = numbers()
+    pipe.build()
+    pipe.run()
+    cycle = [pipe]
+    cycle.append(cycle)  # garbage the parent has not collected when the worker forks
+    del pipe, cycle
+    print(list(prepare_all([("clip", None, None)], 1, prepare=collect_garbage)))
+"""
+
+
+def test_a_worker_never_tears_down_the_parents_dali_pipelines(tmp_path):
+    """A process that builds shards may hold DALI pipelines among its garbage (the test suite does); a forked worker
+    that collected one crashed (a segfault in CI) or hung in Pipeline.__del__, losing its clip as 'crashed'."""
+    script = tmp_path / "garbage_in_a_worker.py"
+    script.write_text(GARBAGE_IN_A_WORKER)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[('clip', 'collected')]"

@@ -15,6 +15,7 @@ refuses to start while one is running.
 import argparse
 import concurrent.futures as cf
 import ctypes
+import gc
 import json
 import os
 import random
@@ -195,7 +196,10 @@ def _worker_init(parent: int) -> None:
     """Pool initializer: the worker takes SIGTERM's default action and dies with the build. Ignored and blocked
     signals pass through fork and exec, so a launcher that ignores SIGTERM would hand that on; and an orphaned worker
     blocks for good writing its result into a pipe whose read end it holds too (by fork: no EPIPE), keeping the
-    build's lock on OUT."""
+    build's lock on OUT. The parent's objects are frozen out of the worker's garbage collection: a process that
+    forks workers may hold DALI pipelines among its garbage (the test suite does), and one torn down in a forked
+    child crashes it (a segfault in Pipeline.__del__, seen in CI's suite)."""
+    gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if sys.platform == "linux":
