@@ -121,10 +121,13 @@ MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer", "dec
 
 
 def take_turns(make_group, rounds: int) -> list[dict]:
-    """Every contender of the group runs `rounds` rounds, in an order that rotates each round; then their rows."""
+    """Every contender of the group runs `rounds` rounds, in an order that rotates each round; then their rows. The
+    contenders set up side by side (imports, models, loaders: nothing is measured then), the rounds one at a time."""
     contenders = []
     try:
         contenders = make_group()
+        for c in contenders:
+            c.wait_until_set_up()
         for r in range(rounds):
             for i in range(len(contenders)):
                 contenders[(i + r) % len(contenders)].round()

@@ -76,7 +76,10 @@ class Contender:
         self._connection, child = ctx.Pipe()
         # not a daemon: a DataLoader in it starts worker processes of its own (stop() ends it and them)
         self._process = ctx.Process(target=_serve, args=(child, module, function, cfg, kwargs))
-        self._process.start()
+        self._process.start()  # its setup runs while the group's other contenders start theirs
+
+    def wait_until_set_up(self) -> None:
+        """Its setup done (or failed), and the process idle again: the first round may start."""
         answer = self._connection.recv()
         self.error = answer.get("error")
         self.settle()
