@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -38,15 +39,44 @@ def ds_config(folder, stage, micro=2):
     return path
 
 
-def command(processes, config, data, output, *extra, port=29700, launcher="torchrun"):
-    """The trainer on `processes` processes: one started directly, or several by `launcher` ("torchrun", about 3 s
-    quicker to start on 2 cores, or "deepspeed", the README's)."""
+def command(processes, config, data, output, *extra, port=29700):
+    """The trainer on one process, or on several started by DeepSpeed's launcher (the README's)."""
     trainer = [SCRIPT, "--ds_config", config, "--recipe", "demo_PT", "--data", data, "--output", output, *TINY, *extra]
     if processes == 1:
         return [sys.executable, *trainer]
-    launch = {"torchrun": ["torchrun", "--nproc_per_node"], "deepspeed": ["deepspeed", "--num_gpus"]}[launcher]
-    return [os.path.join(os.path.dirname(sys.executable), launch[0]), launch[1], str(processes),
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(processes),
             "--master_port", str(port), *trainer]
+
+
+class Ranks:
+    """2 trainer processes started as torchrun starts them, with no launcher in between (4 s sooner than DeepSpeed's
+    on 2 cores), each in a session of its own that a kill ends with whatever it started."""
+
+    def __init__(self, config, data, output, *extra, port):
+        self.logs, self.procs = [], []
+        for rank in range(2):
+            self.logs.append(tempfile.TemporaryFile("w+"))
+            self.procs.append(subprocess.Popen(
+                command(1, config, data, output, *extra), stdout=self.logs[-1], stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,
+                env=process_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port)))
+
+    def kill(self):
+        for proc in self.procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
+    def finish(self, timeout=300) -> str:
+        """Both ranks' output, once both exited 0."""
+        codes = [proc.wait(timeout=timeout) for proc in self.procs]
+        text = ""
+        for log in self.logs:
+            log.seek(0)
+            text += log.read()
+        assert codes == [0, 0], text[-6000:]
+        return text
 
 
 def losses(output):
@@ -95,8 +125,8 @@ def reference_losses(shards, tmp_path_factory):
     rel 2e-7 in fp32 (measured: the same sums of the same 2 gradients), so the ZeRO-3 kill and the ZeRO-2 preemption
     are each held to this one run, within the tests' rel 1e-6."""
     folder = tmp_path_factory.mktemp("reference")
-    run(command(2, ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=2",
-                port=29712))
+    Ranks(ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=2",
+          port=29712).finish()
     return losses(str(folder / "run"))
 
 
@@ -106,19 +136,16 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
     stage = 3
     config = ds_config(tmp_path, stage)
     killed = str(tmp_path / "killed")
-    cmd = command(2, config, shards, killed, "--max-steps", "10", "checkpoint_every=2", port=29720 + stage,
-                  launcher="deepspeed")  # torchrun starts its workers in sessions of their own: a kill misses them
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=process_env())
+    args = (config, shards, killed, "--max-steps", "10", "checkpoint_every=2")
+    ranks = Ranks(*args, port=29720 + stage)
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 180
     while time.time() < deadline and not (os.path.exists(latest) and open(latest).read() >= "step00000004"):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    ranks.kill()
     assert not os.path.exists(os.path.join(killed, "export")), "the kill should land before the end"
     resumed_from = open(latest).read()
-    text = run(cmd)
+    text = Ranks(*args, port=29724 + stage).finish()
     assert f"resumed from {resumed_from}" in text
     expected, got = reference_losses, losses(killed)
     assert sorted(got) == list(range(1, 11))
@@ -162,8 +189,7 @@ def test_a_preempted_run_checkpoints_where_all_ranks_agree_and_resumes_with_the_
     """SLURM's SIGTERM (or --signal=USR1@120) used to end a run in 2 s with no checkpoint and no word. Here only
     rank 1 gets it: both ranks learn of it with the next step's numbers, checkpoint that step and exit 75."""
     out = str(tmp_path / "preempted")
-    cmd = command(2, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=29731,
-                  launcher="deepspeed")  # its launcher passes the ranks' exit 75 on (SLURM requeues on it)
+    cmd = command(2, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=29731)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=process_env())
     metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 180
