@@ -3,16 +3,14 @@ augmentations, multi-view averaging, and what --pretrained refuses."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_shards, process_env
+from conftest import make_shards
 from models import build_classifier
-from trainer import finetune
+from trainer import finetune, pretrain
 from trainer.batch_augment import mixup_cutmix, random_erasing, smooth_one_hot
 from trainer.engine import param_groups
 from trainer.evaluate import accuracy_report, collect_video_scores
@@ -21,26 +19,23 @@ from trainer.finetune import layer_decay_scale
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards, tmp_path):
+def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards, tmp_path, capsys):
     """16 validation videos in 4 motion classes (5 classes in all): guessing gives 20%, always naming the most common
     validation class 25%. The threshold, 62.5% (10 of 16), is reached by a chance-level classifier with probability
     below 0.1% (binomial, p = 0.25). The recipe's 25 fine-tuning epochs: at 15 the result hung near 50% (44-56% on
     builds of the demo set whose VP9 bitstreams differed, and it failed once in CI at 43.75%); at 25 it gave 75-94%.
     A 30-step pretraining is enough to hand over (81-88% over seeds 0-3; 150 steps gave 94%), and the test evaluates
-    once, at the end (evaluation.eval_every=0)."""
-    env = process_env(OMP_NUM_THREADS=2)
-    pretrained = str(tmp_path / "pt")
-    subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config",
-                    os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data", demo_shards,
-                    "--output", pretrained, "--max-steps", "30"], check=True, capture_output=True, env=env)
-    run_dir = str(tmp_path / "ft")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
-                             os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
-                             "--pretrained", pretrained, "--output", run_dir, "evaluation.eval_every=0"],
-                            capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "freshly initialized: head.weight, head.bias" in result.stdout  # the report of what --pretrained gave
-    top1_line = [line for line in result.stdout.splitlines() if line.startswith("top1:")]
+    once, at the end (evaluation.eval_every=0). The three runs share this process (a process start is about 5 s)."""
+    common = ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--data", demo_shards]
+    pretrained, run_dir = str(tmp_path / "pt"), str(tmp_path / "ft")
+    assert pretrain.main(pretrain.Pretraining, [*common, "--recipe", "demo_PT", "--output", pretrained,
+                                                "--max-steps", "30"]) == 0
+    capsys.readouterr()
+    assert finetune.main(finetune.Finetuning, [*common, "--recipe", "demo_FT", "--pretrained", pretrained,
+                                               "--output", run_dir, "evaluation.eval_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "freshly initialized: head.weight, head.bias" in out  # the report of what --pretrained gave
+    top1_line = [line for line in out.splitlines() if line.startswith("top1:")]
     assert top1_line and "(16 videos, 2x3 views)" in top1_line[0]
     report = json.load(open(os.path.join(run_dir, "eval.json")))
     assert report["top1"] >= 62.5, report
@@ -48,11 +43,10 @@ def test_finetuning_learns_the_demo_classes_from_a_tiny_pretraining(demo_shards,
     assert set(report["per_class"]) == {"moving_down", "moving_sideways", "moving_up", "standing_still"}
     assert open(os.path.join(run_dir, "per_class_accuracy.csv")).readline().strip() == "class,videos,top1"
     # --eval-only tests the run's own checkpoint again, without a step of training
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
-                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data", demo_shards,
-                            "--output", run_dir, "--eval-only"], capture_output=True, text=True, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"top1: {report['top1']:.2f}" in again.stdout
+    assert finetune.main(finetune.Finetuning, [*common, "--recipe", "demo_FT", "--output", run_dir,
+                                               "--eval-only"]) == 0
+    again = capsys.readouterr().out
+    assert f"top1: {report['top1']:.2f}" in again
 
 
 def test_layer_decay_multipliers():

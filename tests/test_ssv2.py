@@ -3,16 +3,14 @@ classes (left to right / right to left) is learned."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import process_env
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec, segment_indices
 from tools.shard_building.video_sources import from_ssv2, read_ssv2_labels, ssv2_class
+from trainer import finetune
 from trainer.recipes import FINETUNE_RECIPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,12 +106,9 @@ def test_the_demo_tells_the_mirrored_pair_apart(tmp_path):
     assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 40, "val": 16, "test": 2}
     assert manifest["splits"]["train"]["codecs"] == {"vp9": 40}
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "trainer", "finetune.py"), "--ds_config",
-                             os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_ssv2_FT", "--data",
-                             str(out / "shards"), "--output", str(run), "epochs=25",
-                             "evaluation.eval_every=0"],
-                            capture_output=True, text=True, timeout=400, env=process_env(OMP_NUM_THREADS=2))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert finetune.main(finetune.Finetuning, ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+                                               "--recipe", "demo_ssv2_FT", "--data", str(out / "shards"), "--output",
+                                               str(run), "epochs=25", "evaluation.eval_every=0"]) == 0
     per_class = json.load(open(run / "eval.json"))["per_class"]
     pair = [per_class[name]["top1"] for name in make_ssv2_demo.MIRRORED_PAIR]
     assert sum(pair) / 2 > 50, per_class  # chance within the pair: 50%
