@@ -65,8 +65,9 @@ class Ranks:
     def kill(self):
         for proc in self.procs:
             os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:
+        for proc, log in zip(self.procs, self.logs):
             proc.wait()
+            log.close()
 
     def finish(self, timeout=300) -> str:
         """Both ranks' output, once both exited 0."""
@@ -75,6 +76,7 @@ class Ranks:
         for log in self.logs:
             log.seek(0)
             text += log.read()
+            log.close()
         assert codes == [0, 0], text[-6000:]
         return text
 
