@@ -2,9 +2,9 @@
 host decoder made of it), its plan, label and name, and the cursor after the batch (its set reader's Cursor as the
 reading thread makes it, the loader's StreamCursor once the mixture has drawn it).
 
-Clips that reach the pipelines encoded (a DALI decoder reads them) come first, decoded ones after: each kind is one
-contiguous part of the batch, run by the views pipeline of its kind (pipeline_pool.py) and written into its slice of
-the torch batch.
+A Feed is always ordered: clips that reach the pipelines encoded (a DALI decoder reads them) come first, decoded ones
+after (it puts itself in that order when made), so that each kind is one contiguous part of the batch, run by the
+views pipeline of its kind (views_pipeline.Lane) and written into its slice of the torch batch.
 """
 
 from dataclasses import dataclass, replace
@@ -28,17 +28,16 @@ class Feed:
     indices: np.ndarray  # int64 [B]: the clip's number in this rank's epoch, -1 for the epoch's padding
     cursor: Cursor | StreamCursor  # where the stream stands after this batch
 
-    def ordered(self) -> "Feed":
-        """The same clips, encoded ones first (a stable order)."""
+    def __post_init__(self):
+        """Encoded clips first, a stable order (a no-op for a batch already in it)."""
         order = np.argsort(self.decoded, kind="stable")
-        if np.array_equal(order, np.arange(len(order))):
-            return self
-        return replace(self, data=[self.data[i] for i in order], decoded=self.decoded[order],
-                       plans=[self.plans[i] for i in order], labels=self.labels[order],
-                       names=[self.names[i] for i in order], indices=self.indices[order])
+        if not np.array_equal(order, np.arange(len(order))):
+            self.data, self.decoded = [self.data[i] for i in order], self.decoded[order]
+            self.plans, self.labels = [self.plans[i] for i in order], self.labels[order]
+            self.names, self.indices = [self.names[i] for i in order], self.indices[order]
 
     def parts(self) -> dict:
-        """{kind: slice of the batch} for the kinds present (the feed is ordered)."""
+        """{kind: slice of the batch} for the kinds present."""
         encoded = int((~self.decoded).sum())
         found = {"encoded": slice(0, encoded), "decoded": slice(encoded, len(self.data))}
         return {kind: part for kind, part in found.items() if part.stop > part.start}
@@ -54,4 +53,4 @@ class Feed:
             picks[i] = good[k % len(good)]
         return replace(self, data=[self.data[j] for j in picks], decoded=self.decoded[picks],
                        plans=[self.plans[j] for j in picks], labels=self.labels[picks],
-                       names=[self.names[j] for j in picks], indices=self.indices[picks]).ordered()
+                       names=[self.names[j] for j in picks], indices=self.indices[picks])

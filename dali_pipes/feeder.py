@@ -74,7 +74,7 @@ class Feeder:
         first = raw.position * c.batch_size
         indices = np.where(np.arange(len(data)) < raw.real, first + np.arange(len(data)), -1)
         return Feed(raw.epoch, raw.position, data, np.array([h is not None for h in hosts]), plans,
-                    raw.info[:, 0].astype(np.int64), raw.names, indices, raw.cursor).ordered()
+                    raw.info[:, 0].astype(np.int64), raw.names, indices, raw.cursor)
 
     def _put(self, item) -> None:
         while not self._stop.is_set():

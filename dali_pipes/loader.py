@@ -1,9 +1,11 @@
-"""The torch-facing video loader, a composition of units with one job each, which a clip passes through in order:
+"""The torch-facing video loader, a composition of units with one job each, which a clip passes through in order,
+each file once:
 
     shard reader (reader.py: DALI's webdataset reader, and the cursor) -> the reading thread (feeder.py: plans from
-    sampling.py, frames from a host decoder for the clips the route gives one) -> views pipelines taking turns
-    (pipeline_pool.py, views_pipeline.py: decode in DALI, make the views) -> the torch batch (batch_assembler.py);
-    a batch a bad clip failed is repaired (repair.py)
+    sampling.py, frames from a host decoder for the clips the route gives one; a queue of Feeds) -> the mixture's
+    schedule (mixture.py: the next batch's set) -> lanes taking turns (pipeline_pool.py) -> a lane's views pipelines
+    (views_pipeline.py: decode in DALI, make the views) -> the torch batch (batch_assembler.py) -> here, which keeps
+    the cursor and hands the batch to training. A batch a bad clip failed is repaired on a side lane (repair.py).
 
 Two DALI stages with a thread between them, for three reasons: the reading thread alone touches DALI's reader, so
 the order of batches, and with it exact resume, does not depend on timing; several views pipelines can run at
@@ -112,21 +114,13 @@ class VideoLoader:
         if self._batches is None:
             self._feeders = [Feeder(m.config, m.shards, self.route, cursor)
                              for m, cursor in zip(self.members, self.cursor.sets)]
-            self._batches = self.pool.batches(self._mixed(self.cursor))
+            self._batches = self.pool.batches(self.schedule.feeds(self._feeders, self.config.rank, len(self),
+                                                                     self.cursor))
         for feed, batch in self._batches:
             self.cursor = feed.cursor
             yield batch
             if feed.cursor.position == 0:  # that was the epoch's last batch
                 return
-
-    def _mixed(self, stream: StreamCursor):
-        """The sets' Feeds in the schedule's order from `stream` on, each carrying the StreamCursor after it."""
-        length = len(self)
-        while True:
-            index = self.schedule.set_of(self.config.rank, stream.epoch * length + stream.position)
-            feed = next(self._feeders[index])
-            stream = stream.after(index, feed.cursor, length)
-            yield dataclasses.replace(feed, cursor=stream)
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor.as_dict(), "repair": self.pool.repair.state_dict(), "layout": self._layout()}

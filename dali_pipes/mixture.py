@@ -10,6 +10,9 @@ the recipe (loading.mixture={"k400": 0.6, ...}); they are normalized to sum to 1
 PLAN may differ (PLAN_FIELDS): what changes the DALI graph (frames, crop size, repeats) is the recipe's, the same for
 every batch.
 
+The schedule also draws the batches: Schedule.feeds takes the next Feed from the reading thread (feeder.py) of the
+set it names, on the loader's way from the readers to the views pipelines.
+
 Why whole batches: DALI's readers have no weighted sampling, and a batch is one pass of one set's pipelines, so each
 set keeps its own reader (and its exact resume) and the mixture is only the choice of the next batch's reader.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dali_pipes import checks
+from dali_pipes.cursor import StreamCursor
 from dali_pipes.sampling import ViewSpec
 
 PLAN_FIELDS = ("sampling", "stride", "target_fps", "flip")  # ViewSpec fields a set may change
@@ -148,3 +152,12 @@ class Schedule:
         u = (offset + n * GOLDEN) % 1.0
         found = np.searchsorted(np.cumsum(self.weights)[:-1], u, side="right")
         return int(found) if np.ndim(found) == 0 else found
+
+    def feeds(self, feeders: list, rank: int, epoch_length: int, stream: StreamCursor):
+        """The Feeds of the sets' reading threads (`feeders`, one per set) in this schedule's order for `rank` from
+        `stream` on, each carrying the StreamCursor after it; an epoch is `epoch_length` batches."""
+        while True:
+            index = self.set_of(rank, stream.epoch * epoch_length + stream.position)
+            feed = next(feeders[index])
+            stream = stream.after(index, feed.cursor, epoch_length)
+            yield dataclasses.replace(feed, cursor=stream)

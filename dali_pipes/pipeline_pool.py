@@ -14,7 +14,7 @@ from dali_pipes.batch_assembler import BatchAssembler
 from dali_pipes.dali_errors import VideoDecodeError
 from dali_pipes.decoders import DecoderRoute
 from dali_pipes.repair import BatchRepair
-from dali_pipes.views_pipeline import ViewsPipeline, assembled
+from dali_pipes.views_pipeline import Lane, ViewsPipeline
 
 NVDEC_PIPELINES = 4
 
@@ -24,11 +24,11 @@ class PipelinePool:
         decoders = route.kinds
         count = config.decode_pipelines or (NVDEC_PIPELINES if route.main.needs_gpu else 1)
         threads = max(1, config.threads // count)  # the process's share of cores, split among them
-        self._lanes = [{kind: ViewsPipeline(config, decoder, threads) for kind, decoder in decoders.items()}
-                       for _ in range(count)]
-        self.assemble = BatchAssembler(config)
-        self.repair = BatchRepair(config, decoders, self.assemble)
-        self._free, self._pending = deque(self._lanes), deque()  # lanes; (lane, feed), oldest first
+        assemble = BatchAssembler(config)
+        lanes = [Lane({kind: ViewsPipeline(config, decoder, threads) for kind, decoder in decoders.items()}, assemble)
+                 for _ in range(count)]
+        self.repair = BatchRepair(config, decoders, assemble)
+        self._free, self._pending = deque(lanes), deque()  # lanes free; lanes with a batch in flight, oldest first
         self._decoded_any = False
 
     def batches(self, feeds):
@@ -53,14 +53,14 @@ class PipelinePool:
         if bad:
             feed = self.repair.substitute(feed, bad, first_batch=not self._decoded_any)
         lane = self._free.popleft()
-        for kind, part in feed.parts().items():
-            lane[kind].submit(feed, part)
-        self._pending.append((lane, feed))
+        lane.submit(feed)
+        self._pending.append(lane)
 
     def _collect(self):
-        lane, feed = self._pending.popleft()
+        lane = self._pending.popleft()
+        feed = lane.feed
         try:
-            batch = assembled(feed, lane, self.assemble)
+            batch = lane.batch()
         except VideoDecodeError as failure:  # a clip the decoder cannot read fails its whole batch
             batch = self.repair.batch(feed, failure, first_batch=not self._decoded_any)
         finally:
@@ -71,9 +71,6 @@ class PipelinePool:
     def drain(self) -> None:
         """Drop every batch in flight (their outputs taken back)."""
         while self._pending:
-            lane, feed = self._pending.popleft()
-            try:
-                assembled(feed, lane, lambda feed, parts: None)
-            except VideoDecodeError:
-                pass
+            lane = self._pending.popleft()
+            lane.discard()
             self._free.append(lane)

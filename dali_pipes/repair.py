@@ -6,7 +6,7 @@ Host decoders report their bad clips themselves; they are replaced the same way.
 import logging
 
 from dali_pipes.dali_errors import NVDEC_HELP, VideoDecodeError
-from dali_pipes.views_pipeline import ViewsPipeline, assembled
+from dali_pipes.views_pipeline import Lane, ViewsPipeline
 
 log = logging.getLogger("dali_pipes")
 
@@ -14,9 +14,9 @@ log = logging.getLogger("dali_pipes")
 class BatchRepair:
     def __init__(self, config, decoders: dict, assemble):
         """decoders: {feed kind: the decoder its views pipeline is built with} (DecoderRoute.kinds)."""
-        self.config, self.decoders, self.assemble = config, decoders, assemble
+        self.config, self.decoders = config, decoders
         self.skipped = 0  # clips replaced so far
-        self._side = {}  # kind -> a side pipeline, built on first need
+        self._side = Lane({}, assemble)  # side pipelines, one per kind, each built on first need
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped}
@@ -52,13 +52,14 @@ class BatchRepair:
         return self.run(feed)
 
     def run(self, feed) -> dict:
-        """`feed` through the side pipelines, assembled (nothing else in flight on them)."""
-        pipelines = {kind: self._pipeline(kind) for kind in feed.parts()}
-        for kind, part in feed.parts().items():
-            pipelines[kind].submit(feed, part)
-        return assembled(feed, pipelines, self.assemble)
+        """`feed` through the side lane, assembled (nothing else in flight on it)."""
+        for kind in feed.parts():
+            self._pipeline(kind)
+        self._side.submit(feed)
+        return self._side.batch()
 
     def _pipeline(self, kind: str) -> ViewsPipeline:
-        if kind not in self._side:
-            self._side[kind] = ViewsPipeline(self.config, self.decoders[kind], self.config.threads)
-        return self._side[kind]
+        pipelines = self._side.pipelines
+        if kind not in pipelines:
+            pipelines[kind] = ViewsPipeline(self.config, self.decoders[kind], self.config.threads)
+        return pipelines[kind]

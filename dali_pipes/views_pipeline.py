@@ -9,8 +9,10 @@ Inputs are named external sources, each declared here together with what fills i
 VIEW_INPUTS): a new per-view augmentation is a field of sampling.SamplePlan, an entry here and its use in the graph.
 
 ViewsPipeline owns DALI's protocol for one batch in flight: feed the inputs, schedule the run, share the outputs,
-release them. A failed run raises what it means (dali_errors.classify): a clip the decoder cannot read, no NVDEC,
-or DALI out of memory; torch's own errors (a CUDA out-of-memory in the copy) pass through as themselves.
+release them. A Lane is the pipelines one batch of clips needs (one per kind: encoded, decoded) and the assembler that
+copies their outputs into the torch batch: the loader's pool turns lanes, the repair runs a side lane. A failed run
+raises what it means (dali_errors.classify): a clip the decoder cannot read, no NVDEC, or DALI out of memory; torch's
+own errors (a CUDA out-of-memory in the copy) pass through as themselves.
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment as auto_rand_augment
 
-from dali_pipes.dali_errors import classify
+from dali_pipes.dali_errors import VideoDecodeError, classify
 from dali_pipes.normalization import MEAN, STD
 
 # name -> (DALI type, the value for one clip from (data, plan)); per-view ones also take the view's number
@@ -146,9 +148,34 @@ class ViewsPipeline:
             return use(views)
 
 
-def assembled(feed, pipelines: dict, assemble):
-    """The torch batch of a `feed` whose parts were submitted to `pipelines` ({kind: ViewsPipeline}): every part's
-    outputs held at once while `assemble` copies them."""
-    with contextlib.ExitStack() as stack:
-        parts = [(part, stack.enter_context(pipelines[kind].outputs())) for kind, part in feed.parts().items()]
-        return assemble(feed, parts)
+class Lane:
+    """A views pipeline per kind of clip a Feed holds (Feed.parts), and the batch assembler their outputs go to: one
+    batch in flight, submitted, then taken as the torch batch (every part's outputs held at once while the assembler
+    copies them) before the next submit."""
+
+    def __init__(self, pipelines: dict, assemble):
+        """pipelines: {feed kind: ViewsPipeline}; assemble: a batch_assembler.BatchAssembler."""
+        self.pipelines, self.assemble = pipelines, assemble
+        self.feed = None  # the batch in flight
+
+    def submit(self, feed) -> None:
+        for kind, part in feed.parts().items():
+            self.pipelines[kind].submit(feed, part)
+        self.feed = feed
+
+    def batch(self) -> dict:
+        """The torch batch of the feed in flight; a VideoDecodeError if a clip failed it."""
+        return self._take(assemble=True)
+
+    def discard(self) -> None:
+        """Take the feed in flight back from DALI unassembled, failed or not."""
+        try:
+            self._take(assemble=False)
+        except VideoDecodeError:
+            pass
+
+    def _take(self, assemble: bool):
+        feed, self.feed = self.feed, None
+        with contextlib.ExitStack() as stack:
+            parts = [(part, stack.enter_context(self.pipelines[kind].outputs())) for kind, part in feed.parts().items()]
+            return self.assemble(feed, parts) if assemble else None

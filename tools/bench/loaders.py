@@ -138,7 +138,7 @@ def stages(cfg: dict, decoder: str, repeats: int):
     itself stopped after decoding, after each view's resize, whole, and whole with the copy into the torch batch."""
     from dali_pipes.batch_assembler import BatchAssembler
     from dali_pipes.decoders import make_decoder
-    from dali_pipes.views_pipeline import ViewsPipeline, assembled
+    from dali_pipes.views_pipeline import Lane, ViewsPipeline
 
     config, backend = _config(cfg, decoder, repeats), make_decoder(decoder, _gpu())
     if not backend.decodes_in_dali:
@@ -146,12 +146,12 @@ def stages(cfg: dict, decoder: str, repeats: int):
     feeds = _planned_batches(cfg, config)
     decode, resize, views = (ViewsPipeline(config, backend, config.threads, stop_after=stop)
                              for stop in ("decode", "resize", None))
-    assemble = BatchAssembler(config)
+    copy = Lane({"encoded": views}, BatchAssembler(config))
     position = [0]
 
     def copied(feed):
-        views.submit(feed)
-        return assembled(feed, {"encoded": views}, assemble)
+        copy.submit(feed)
+        return copy.batch()
 
     def run_round() -> dict:
         seconds = {"decode": 0.0, "decode + resize": 0.0, "views pipeline": 0.0, "views + copy to torch": 0.0}
