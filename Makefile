@@ -45,8 +45,9 @@ demo-ssv2: $(STAMP)
 	$(PY) trainer/finetune.py --ds_config ds_configs/cpu.json --recipe demo_ssv2_FT --data $(SSV2_DEMO)/shards \
 		--pretrained $(DEMO_RUN) --output runs/demo_ssv2
 
+# the suite in a worker per core (at most 4), each pinned to its own cores: tests/conftest.py
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,11 +1,18 @@
 """Small generated videos for the tests. Frames carry their own index as 8 black/white blocks (binary), which
-survives lossy codecs, so a test can read back exactly which source frames a pipeline returned."""
+survives lossy codecs, so a test can read back exactly which source frames a pipeline returned.
+
+The suite runs in pytest-xdist workers, each pinned to its own share of the cores (pyproject's addopts): a test's
+trainers, DALI pipelines and the processes it starts all size themselves from the cores they may run on, so two
+workers never oversubscribe a machine. Tests marked `long` start first, so the longest is never the last to begin."""
 
 import os
+import pathlib
+import shutil
 
 import av
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from tools import build_shards
 
@@ -140,11 +147,51 @@ def make_shards(root, n=12, codec="vp9", frames=80, split="train", **video):
     return str(out)
 
 
+MAX_WORKERS = 4  # beyond it, the suite's few long tests bound its time, not the cores
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config):
+    """In worker `gwI` of N: pin the process to the I-th of N equal shares of the cores (what it starts inherits it)."""
+    config.addinivalue_line("markers", "long: one of the suite's longest tests (started first)")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker and count > 1 and len(cores) >= count:
+        index = int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, cores[index::count])
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: long ones first, else as found
+
+
+def once_per_run(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """The folder `name`, filled by build(folder) once per test run: by the first worker that needs it, while any
+    other waits for it (pytest-xdist's workers share the run's base folder)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    """The README's demo data set (tools/make_demo_data.py), built once per test session: its shards folder."""
+    """The README's demo data set (tools/make_demo_data.py), built once per test run: its shards folder."""
     from tools import make_demo_data
 
-    out = tmp_path_factory.mktemp("demo")
-    assert make_demo_data.main(["--out", str(out), "--workers", "2"]) == 0
-    return str(out / "shards")
+    def build(out):
+        assert make_demo_data.main(["--out", str(out), "--workers", str(len(os.sched_getaffinity(0)))]) == 0
+
+    return str(once_per_run(tmp_path_factory, "demo", build) / "shards")

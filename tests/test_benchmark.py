@@ -10,8 +10,13 @@ from tools import benchmark
 from tools.bench.gpu_projection import projection
 
 
-def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
-    shards = make_shards(tmp_path, n=4, frames=40)
+@pytest.fixture
+def shards(tmp_path):
+    return make_shards(tmp_path, n=4, frames=40)
+
+
+@pytest.mark.long
+def test_loader_contenders_take_turns_and_ratios_are_per_round(shards, tmp_path):
     out = tmp_path / "bench.json"
     args = ["loader", "--shards", shards, "--batch-size", "2", "--batches", "2", "--warmup", "1", "--rounds", "3",
             "--crop-size", "32", "--json", str(out)]
@@ -28,6 +33,10 @@ def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
     assert ratio["rounds"] == 3 and ratio["median"] == pytest.approx(by_round[1], rel=1e-3)  # median of the rounds'
     assert ratio["min"] == pytest.approx(by_round[0], rel=1e-3) and ratio["max"] == pytest.approx(by_round[2], rel=1e-3)
     assert {"busy_share", "loadavg_1min"} <= set(report["load"]["before"]) and report["machine"]["cores"] >= 1
+
+
+@pytest.mark.long
+def test_model_contenders_take_turns_with_their_ratios_mfu_and_decoder_masking(shards, tmp_path):
     model = tmp_path / "model.json"
     assert benchmark.main(["model", "--shards", shards, "--model", "vit_tiny", "--model-batch", "2", "--rounds", "2",
                            "--json", str(model)]) == 0
@@ -53,8 +62,7 @@ def test_contenders_take_turns_and_ratios_are_per_round(tmp_path):
     assert report["gpu_projection"]["accelerator"] == "H100"
 
 
-def test_stages_and_decode_limit_run_and_report(tmp_path):
-    shards = make_shards(tmp_path, n=4, frames=40)
+def test_stages_and_decode_limit_run_and_report(shards, tmp_path):
     out = tmp_path / "stages.json"
     small = ["--shards", shards, "--batch-size", "2", "--batches", "1", "--warmup", "1", "--rounds", "1",
              "--crop-size", "32"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_shards, read_index, write_video
+from conftest import make_shards, once_per_run, read_index, write_video
 from dali_pipes import build_eval_loader, build_pretrain_loader
 from dali_pipes.decoders import choose_route
 from dali_pipes.decoders.base import HostDecoder
@@ -19,7 +19,7 @@ from tools.shard_building.shard_writer import ShardWriter
 
 @pytest.fixture(scope="module")
 def vp9_shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("vp9"))
+    return str(once_per_run(tmp_path_factory, "vp9", make_shards) / "shards")
 
 
 def pixels(video):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_shards, process_env
+from conftest import make_shards, once_per_run, process_env
 from models import build_classifier, load_pretrained
 from trainer import pretrain
 from trainer.ds_config import ConfigConflict, plan_batch, read_ds_config
@@ -28,7 +28,7 @@ TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("pt"), n=8, frames=40)
+    return str(once_per_run(tmp_path_factory, "pt", lambda folder: make_shards(folder, n=8, frames=40)) / "shards")
 
 
 def ds_config(folder, stage, micro=2):
@@ -126,12 +126,14 @@ def reference_losses(shards, tmp_path_factory):
     """The per-step losses of an uninterrupted 2-process ZeRO-2 run of 10 steps. ZeRO-3 gives the same losses to
     rel 2e-7 in fp32 (measured: the same sums of the same 2 gradients), so the ZeRO-3 kill and the ZeRO-2 preemption
     are each held to this one run, within the tests' rel 1e-6."""
-    folder = tmp_path_factory.mktemp("reference")
-    Ranks(ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=2",
-          port=29712).finish()
-    return losses(str(folder / "run"))
+    def build(folder):
+        Ranks(ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=2",
+              port=29712).finish()
+
+    return losses(str(once_per_run(tmp_path_factory, "reference", build) / "run"))
 
 
+@pytest.mark.long
 def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, reference_losses):
     """SIGKILL under ZeRO-3 (sharded parameters: the hardest state to restore). ZeRO-2's exact resume is the
     preemption test's; every shipped ds_config's save -> resume -> export, test_every_shipped_ds_config_...'s."""
@@ -186,6 +188,7 @@ def _ranks_under(pid: int) -> dict:
     return {rank: child for child, rank in ranks.items() if child != pid and under(child)}
 
 
+@pytest.mark.long
 def test_a_preempted_run_checkpoints_where_all_ranks_agree_and_resumes_with_the_same_losses(shards, tmp_path,
                                                                                           reference_losses):
     """SLURM's SIGTERM (or --signal=USR1@120) used to end a run in 2 s with no checkpoint and no word. Here only

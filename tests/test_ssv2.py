@@ -91,6 +91,7 @@ def test_the_ssv2_recipes_never_flip():
     assert all(f == 0 for _ in range(200) for f in config.views.plan(meta, rng).flips)
 
 
+@pytest.mark.long
 def test_the_demo_tells_the_mirrored_pair_apart(tmp_path):
     """The SSv2-shaped demo from scratch (no pretraining, a short run): left-to-right and right-to-left, mirror images
     of each other, are told apart above chance (a model trained with flips sees them as one class)."""

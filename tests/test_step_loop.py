@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_shards, process_env
+from conftest import make_shards, once_per_run, process_env
 from trainer import host_readback, pretrain
 from trainer.build_locks import remove_stale_build_locks
 from trainer.cli import prepare
@@ -21,7 +21,7 @@ TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("loop"), n=8, frames=40)
+    return str(once_per_run(tmp_path_factory, "loop", lambda folder: make_shards(folder, n=8, frames=40)) / "shards")
 
 
 def ds_config(folder, micro=2, accumulation=1):
