@@ -15,6 +15,7 @@ from dali_pipes.dali_errors import NVDEC_HELP, first_meaningful_line, nvdec_miss
 from models import build_classifier, build_pretrain_model
 from models.config import ClassifierConfig, MAEConfig, resolve_config
 from models.memory import GB, parameter_count, training_memory
+from tools import preflight
 from trainer.device_peak import datasheet_peak
 from trainer.memory_plan import plan_recompute
 from trainer.recipes import FINETUNE_RECIPES, PRETRAIN_RECIPES
@@ -23,33 +24,39 @@ from trainer.versions import FLOORS, version_problems
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_preflight_on_a_cpu_passes_what_a_cpu_can_check_and_skips_the_rest(demo_shards, tmp_path):
+def preflight_here(capsys, *args) -> tuple[int, str]:
+    """tools/preflight.py with `args`, run in this process (a process start costs about 5 s here): its exit code and
+    what it printed."""
+    capsys.readouterr()
+    code = preflight.main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_preflight_on_a_cpu_passes_what_a_cpu_can_check_and_skips_the_rest(demo_shards, tmp_path, capsys):
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", demo_shards,
-                             "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
-                             "--output", str(out), "--steps", "8"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stdout = preflight_here(capsys, "--data", demo_shards, "--recipe", "demo_PT", "--ds_config",
+                                  os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(out), "--steps", "8")
+    assert code == 0, stdout[-3000:]
     report = json.load(open(out / "preflight.json"))
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert status == {"versions": "PASS", "shared folder": "PASS", "all-reduce": "SKIP", "shard store": "SKIP",
                       "NVDEC": "SKIP", "shards": "PASS", "host decoder": "PASS", "attention": "PASS", "memory": "PASS",
-                      "timed run": "PASS"}, result.stdout
+                      "timed run": "PASS"}, stdout
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["NVDEC"]["summary"] == "skipped (no GPU)" and "measured: skipped (no GPU)" in checks["memory"][
         "summary"]
     timed = checks["timed run"]["figures"]
     assert timed["clips_per_s_per_gpu"] > 0 and 0 < timed["mfu"] < 1 and timed["decoder"] == "dali-cpu"
-    assert "PASS  timed run" in result.stdout and "result: 0 FAIL" in result.stdout
+    assert "PASS  timed run" in stdout and "result: 0 FAIL" in stdout
     assert not os.path.exists(out / "preflight_run")  # the timed run's own folder is cleaned up
 
 
-def test_preflight_checks_each_set_of_a_mixture_by_name(demo_shards, tmp_path):
+def test_preflight_checks_each_set_of_a_mixture_by_name(demo_shards, tmp_path, capsys):
     out = tmp_path / "run"
     data = f"k400={demo_shards}:0.7,other={make_shards(tmp_path / 'other', n=8, frames=40)}:0.3:stride=2"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", data,
-                             "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
-                             "--output", str(out), "--steps", "2"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stdout = preflight_here(capsys, "--data", data, "--recipe", "demo_PT", "--ds_config",
+                                  os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(out), "--steps", "2")
+    assert code == 0, stdout[-3000:]
     checks = {c["name"]: c for c in json.load(open(out / "preflight.json"))["checks"]}
     assert [name for name in checks if name.startswith("shard")] == ["shard store k400", "shard store other",
                                                                       "shards k400", "shards other"]
@@ -397,15 +404,14 @@ def test_the_network_check_measures_within_a_node_and_across_nodes_apart(apart):
     assert first == f"0 PASS {expected}", outputs[0][1][-2000:]
 
 
-def test_the_preflight_takes_a_fine_tuning_recipe(tmp_path):
+def test_the_preflight_takes_a_fine_tuning_recipe(tmp_path, capsys):
     """Its help says it takes fine-tuning recipes: it stopped with KeyError: 'splits' (the label map was handed where
     the task reads the manifest)."""
     shards = make_shards(tmp_path, n=4, frames=20)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preflight.py"), "--data", shards, "--recipe",
-                             "demo_FT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--output",
-                             str(tmp_path / "ft"), "--steps", "2", "eval_split=train", "crop_size=32",
-                             "model.img_size=32", "num_frames=4", "model.num_frames=4", "model.depth=2"],
-                            capture_output=True, text=True, timeout=300, env=process_env())
+    _, stdout = preflight_here(capsys, "--data", shards, "--recipe", "demo_FT", "--ds_config",
+                               os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(tmp_path / "ft"),
+                               "--steps", "2", "eval_split=train", "crop_size=32", "model.img_size=32", "num_frames=4",
+                               "model.num_frames=4", "model.depth=2")
     report = {c["name"]: c for c in json.load(open(tmp_path / "ft" / "preflight.json"))["checks"]}
-    assert "recipe" not in report and report["attention"]["status"] == "PASS", result.stdout + result.stderr[-2000:]
+    assert "recipe" not in report and report["attention"]["status"] == "PASS", stdout[-3000:]
     assert report["timed run"]["status"] in ("PASS", "WARN") and report["timed run"]["figures"]["steps"] == 2

@@ -92,10 +92,18 @@ def run(cmd, timeout=300):
     return result.stdout + result.stderr
 
 
-def test_one_process_learns_and_writes_everything(shards, tmp_path):
+def in_process(config, data, output, *extra) -> None:
+    """The trainer of `command(1, ...)`, run in this process (a process start costs about 5 s here); it prints to the
+    test's captured stdout."""
+    assert pretrain.main(pretrain.Pretraining, ["--ds_config", config, "--recipe", "demo_PT", "--data", data,
+                                                "--output", output, *TINY, *extra]) == 0
+
+
+def test_one_process_learns_and_writes_everything(shards, tmp_path, capsys):
     out = str(tmp_path / "run")
-    text = run(command(1, ds_config(tmp_path, 2, micro=4), shards, out, "--max-steps", "60", "blr=0.05",
-                       "warmup_epochs=1", "epochs=40", "checkpoint_every=30"))
+    in_process(ds_config(tmp_path, 2, micro=4), shards, out, "--max-steps", "60", "blr=0.05", "warmup_epochs=1",
+               "epochs=40", "checkpoint_every=30")
+    text = capsys.readouterr().out
     assert "done: 60 steps" in text and "video decoder: dali-cpu" in text and "encoder flash" in text
     seen = losses(out)
     first, last = sum(seen[s] for s in range(1, 6)) / 5, sum(seen[s] for s in range(56, 61)) / 5
@@ -134,7 +142,7 @@ def reference_losses(shards, tmp_path_factory):
 
 
 @pytest.mark.long
-def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, reference_losses):
+def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, reference_losses, capsys):
     """SIGKILL under ZeRO-3 (sharded parameters: the hardest state to restore). ZeRO-2's exact resume is the
     preemption test's; every shipped ds_config's save -> resume -> export, test_every_shipped_ds_config_...'s."""
     stage = 3
@@ -156,7 +164,8 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
     for step in range(1, 11):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     # and on one process: through DeepSpeed's universal checkpoint, the global batch kept
-    text = run(command(1, config, shards, killed, "--max-steps", "12"))
+    in_process(config, shards, killed, "--max-steps", "12")
+    text = capsys.readouterr().out
     assert "universal" in text and "done: 12 steps" in text
     assert "resuming a run of 2 process(es) x 2 clips x 1 accumulation on 1 x 2 x 2: the same 4 clips per " \
            "optimizer step" in text
