@@ -222,6 +222,9 @@ def test_kill_and_rerun_finishes_without_duplicates(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:
         time.sleep(0.02)
+    # held where it stands while its workers are looked at: on a core of its own it could finish the other clips
+    # in the meantime (the worker busy with one may still commit it)
+    proc.send_signal(signal.SIGSTOP)
     first = set(running(cmd)) - {proc.pid}
     time.sleep(0.3)  # (a worker seen the moment it was forked has not run its initializer yet)
     workers = {pid: sigterm_ignored_or_blocked(pid) for pid in set(running(cmd)) & first}
