@@ -167,7 +167,19 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: long ones first, else as found
+    """Long tests first, dealt out among the workers: pytest-xdist's worksteal hands worker i the i-th contiguous
+    share of the collection (remaining // workers left), and idle workers steal from the end of the others' shares,
+    so each share starts with its own long tests and the short ones balance the rest."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    long = [item for item in items if item.get_closest_marker("long")]
+    short = [item for item in items if not item.get_closest_marker("long")]
+    ordered, left = [], len(items)
+    for i in range(workers):
+        share = left // (workers - i)
+        mine = long[i::workers]
+        ordered += mine + short[:share - len(mine)]
+        short, left = short[share - len(mine):], left - share
+    items[:] = ordered + short
 
 
 def once_per_run(tmp_path_factory, name: str, build) -> pathlib.Path:
