@@ -1,9 +1,9 @@
 """Small generated videos for the tests. Frames carry their own index as 8 black/white blocks (binary), which
 survives lossy codecs, so a test can read back exactly which source frames a pipeline returned.
 
-The suite runs in pytest-xdist workers, each pinned to its own share of the cores (pyproject's addopts): a test's
+`make test` runs the suite in pytest-xdist workers, each pinned here to its own share of the cores: a test's
 trainers, DALI pipelines and the processes it starts all size themselves from the cores they may run on, so two
-workers never oversubscribe a machine. Tests marked `long` start first, so the longest is never the last to begin."""
+workers never oversubscribe a machine. Tests marked `long` are dealt out among the workers and start first."""
 
 import os
 import pathlib
