@@ -175,7 +175,16 @@ class Lane:
             pass
 
     def _take(self, assemble: bool):
+        """Every part's outputs are taken back from DALI whatever the others did: a part left in DALI would hand its
+        views to the lane's next batch. The first failure is raised once all of them are released."""
         feed, self.feed = self.feed, None
+        parts, failure = [], None
         with contextlib.ExitStack() as stack:
-            parts = [(part, stack.enter_context(self.pipelines[kind].outputs())) for kind, part in feed.parts().items()]
-            return self.assemble(feed, parts) if assemble else None
+            for kind, part in feed.parts().items():
+                try:
+                    parts.append((part, stack.enter_context(self.pipelines[kind].outputs())))
+                except Exception as err:  # (the failed part's outputs went back already: ViewsPipeline.outputs)
+                    failure = failure or err
+            if failure is None:
+                return self.assemble(feed, parts) if assemble else None
+        raise failure

@@ -31,10 +31,12 @@ def process_env(**variables) -> dict:
 
 def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",
                    indexed: bool = True) -> np.ndarray:
-    """[frames, H, W, 3] uint8 over a static background (texture "noise", or "gradient": brightness grows with x);
-    if indexed, rows 0..BLOCK-1 hold the frame index in 8 binary blocks."""
+    """[frames, H, W, 3] uint8 over a static background (texture "noise"; "gradient": brightness grows with x; an
+    (R, G, B) tuple: that one colour); if indexed, rows 0..BLOCK-1 hold the frame index in 8 binary blocks."""
     if texture == "noise":
         background = np.random.default_rng(seed).integers(60, 200, (height, width, 3), dtype=np.uint8)
+    elif isinstance(texture, tuple):
+        background = np.broadcast_to(np.array(texture, np.uint8), (height, width, 3))
     else:
         background = np.broadcast_to(np.linspace(20, 235, width, dtype=np.uint8)[None, :, None], (height, width, 3))
     video = np.repeat(background[None], frames, axis=0)

@@ -260,6 +260,42 @@ def test_a_corrupt_video_is_skipped_logged_and_counted(tmp_path, caplog):
     assert loader.state_dict()["repair"] == {"skipped": 1}
 
 
+CLASS_COLOURS = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220)]
+
+
+def test_a_bad_clip_in_shards_of_two_decoder_routes_never_mispairs_a_view(tmp_path):
+    """H.264 clips (PyAV on the host on a CPU; AV1 beside H.264 on an H100) and VP9 clips (DALI's decoder) in the same
+    batches, two VP9 clips cut short. A failed encoded part used to leave its decoded part's outputs in DALI, so the
+    lane's next batch got the previous batch's views under its own labels (or 'Shapes do not match'). Each class is
+    one colour: every view of every batch, over many epochs, must show its label's colour."""
+    out = tmp_path / "shards"
+    writer = ShardWriter(str(out), "train", max_bytes=10**9, max_count=0)
+    for i in range(12):
+        label, h264 = i % 6, i % 2 == 1
+        path = write_video(tmp_path / f"{i}.mp4", frames=16, width=32, height=32, texture=CLASS_COLOURS[label],
+                           indexed=False, codec="libx264" if h264 else "libvpx-vp9")
+        data = open(path, "rb").read()
+        if i in (2, 8):
+            data = data[: len(data) // 3]  # a VP9 clip cut short: DALI's decoder fails its batch
+        record = {"codec": "h264" if h264 else "vp9", "pix_fmt": "yuv420p"}
+        writer.write(f"clip{i:02d}", {"mp4": data, "info": pack_info(label, 16, 30, 32, 32),
+                                      "json": json.dumps(record).encode()}, record)
+    writer.close()
+    (out / "manifest.json").write_text(json.dumps({"label_map": {}, "splits": {"train": {
+        "samples": 12, "codecs": {"vp9": 6, "h264": 6}, "formats": {"vp9/yuv420p": 6, "h264/yuv420p": 6},
+        "shards": [{"tar": "train-000000.tar", "index": "train-000000.idx"}]}}}))
+    loader = build_pretrain_loader(str(out), batch_size=4, repeats=2, num_frames=4, stride=2, crop_size=16, seed=3)
+    assert loader.route.name == "dali-cpu + pyav for h264/yuv420p"
+    epochs, batches = 6, 0
+    for _ in range(epochs):
+        for batch in loader:
+            batches += 1
+            colours = pixels(batch["video"]).reshape(len(batch["label"]), -1, 3).mean(1)
+            expected = np.array(CLASS_COLOURS)[batch["label"].numpy()]
+            assert np.abs(colours - expected).max() < 30, (batches, batch["label"].tolist(), colours.round())
+    assert batches == epochs * 3 and loader.skipped == epochs * 2
+
+
 def test_eval_views_positions(tmp_path):
     """192x64 frames, a brightness ramp left to right: crops come out left, centre, right; clips spread in time."""
     shards = make_shards(tmp_path, n=2, frames=90, width=192, height=64, texture="gradient", split="val")
