@@ -19,6 +19,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from dali_pipes.config import LoaderConfig
 from dali_pipes.cursor import Cursor, StreamCursor
 from dali_pipes.decoders import choose_route, gpu_capability
@@ -121,6 +123,16 @@ class VideoLoader:
             yield batch
             if feed.cursor.position == 0:  # that was the epoch's last batch
                 return
+
+    def placeholder_batch(self) -> dict:
+        """A training batch of zeros in this loader's shape, dtype and device: what a rank steps on while the other
+        ranks learn, with a step's numbers, that its store stopped answering (they are waiting in that step's
+        collectives)."""
+        c, spec = self.config, self.config.views.spec
+        rows = c.batch_size * c.views.views_per_clip
+        return {"video": torch.zeros(rows, 3, spec.num_frames, spec.crop_size, spec.crop_size, dtype=c.dtype,
+                                     device=c.device),
+                "label": torch.zeros(rows, dtype=torch.int64, device=c.device)}
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor.as_dict(), "repair": self.pool.repair.state_dict(), "layout": self._layout()}

@@ -1,9 +1,12 @@
 """trainer/launchers.py: every launcher's variables resolve to the same place in the job, processes started the srun
-and the mpirun way form one world, and a process that would train alone by mistake is refused."""
+and the mpirun way form one world, and a process that would train alone by mistake is refused; trainer/supervise.py:
+a signalled job ends with its trainers' exit code."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,3 +83,59 @@ def test_two_processes_started_the_srun_and_the_mpirun_way_form_one_world(launch
     expected = "srun" if launcher == "srun" else "openmpi"
     for rank, (out, err) in enumerate(outputs):
         assert f"rank {rank} of 2 by {expected}: 3" in out, out + err[-2000:]
+
+
+FAKE_TRAINER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from trainer import supervise
+from trainer.preemption import PreemptionSignal
+stop = PreemptionSignal()
+print("ready", flush=True)
+while not stop.requested:
+    time.sleep(0.01)
+time.sleep(0.5)  # the checkpoint
+open(sys.argv[1], "w").write(str(stop.count))
+supervise.record_exit(75)
+sys.exit(75)
+"""
+# a launcher that starts one trainer and exits 1 whatever it did (torchrun's way), or dies of the signal (the deepspeed
+# command's way, which installs no handler for one node), leaving its trainer running
+FAKE_LAUNCHER = """
+import subprocess, sys
+trainer = subprocess.Popen([sys.executable, "-c", {trainer!r}, sys.argv[1]])
+sys.exit(1 if trainer.wait() else 0)
+"""
+
+
+@pytest.mark.parametrize("signalled", ["the supervisor alone", "the process group"])
+def test_the_supervisor_hands_the_signal_to_the_trainers_waits_for_them_and_exits_with_their_code(signalled,
+                                                                                               tmp_path):
+    """Kubernetes signals PID 1 only: the supervisor passes it to the trainers that registered with it. A scheduler
+    that signals the whole group kills a launcher without a handler: its trainer, orphaned, is still waited for
+    (the supervisor is its subreaper), and the job ends with the trainer's 75, not the launcher's 1 or 143."""
+    done = tmp_path / "done"
+    launcher = FAKE_LAUNCHER.format(trainer=FAKE_TRAINER.format(root=ROOT))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "trainer", "supervise.py"), sys.executable, "-c",
+                             launcher, str(done)], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env=process_env())
+    assert proc.stdout.readline().strip() == "ready"
+    if signalled == "the supervisor alone":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)  # a second one (a scheduler's, a launcher's): it changes nothing
+    assert proc.wait(timeout=30) == 75
+    assert done.exists()  # the supervisor returned after the trainer's checkpoint, not before
+    assert int(done.read_text()) >= (1 if signalled == "the supervisor alone" else 2)
+
+
+def test_the_jobs_exit_code_is_the_trainers_verdict_when_every_trainer_gave_one():
+    from trainer.supervise import job_exit_code
+
+    assert job_exit_code(1, 2, [75, 75]) == 75  # torchrun's 1 after a checkpoint
+    assert job_exit_code(-15, 2, [75, 75]) == 75  # the deepspeed command killed by the signal
+    assert job_exit_code(1, 2, [4, 4]) == 4 and job_exit_code(0, 2, [0, 0]) == 0
+    assert job_exit_code(1, 2, [75]) == 1  # a trainer crashed (or was killed before its checkpoint): never 75
+    assert job_exit_code(-9, 0, []) == 137

@@ -169,55 +169,86 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
         killed, "checkpoints", "step00000012", "meta.json")))["total_steps"]
 
 
-def _ranks_under(pid: int) -> dict:
-    """{RANK: pid} of the processes a launcher started (its children's children: deepspeed runs its launch.py)."""
-    parents, ranks = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-            if b"RANK" in environ:
-                ranks[int(entry)] = int(environ[b"RANK"])
-        except (OSError, ValueError, IndexError):
-            continue
-
-    def under(child: int) -> bool:
-        while child in parents and child != pid:
-            child = parents[child]
-        return child == pid
-
-    return {rank: child for child, rank in ranks.items() if child != pid and under(child)}
+SUPERVISE = os.path.join(ROOT, "trainer", "supervise.py")
 
 
 @pytest.mark.long
-def test_a_preempted_run_checkpoints_where_all_ranks_agree_and_resumes_with_the_same_losses(shards, tmp_path,
-                                                                                          reference_losses):
-    """SLURM's SIGTERM (or --signal=USR1@120) used to end a run in 2 s with no checkpoint and no word. Here only
-    rank 1 gets it: both ranks learn of it with the next step's numbers, checkpoint that step and exit 75."""
-    out = str(tmp_path / "preempted")
-    cmd = command(2, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=29731)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=process_env())
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_job_signalled_under_its_launcher_checkpoints_exits_75_and_resumes_with_the_same_losses(
+        launcher, shards, tmp_path, reference_losses):
+    """What scancel, a time limit or Ctrl-C does: SIGTERM to every process of the job. Without trainer/supervise.py
+    the deepspeed launcher died at once (exit 143) and killed the trainers within 2 s (their second signal ended
+    them); torchrun checkpointed but exited 1. Under it: one checkpoint on the step all ranks agree on,
+    preempted.json, the job's exit code 75, and a requeued job that goes on with the losses of a run never
+    stopped."""
+    out, port = str(tmp_path / "preempted"), 29731 if launcher == "deepspeed" else 29733
+    trainer = command(1, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0")[1:]
+    prefix = {"deepspeed": [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+                            "--master_port", str(port)],
+              "torchrun": [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
+                           "--master-port", str(port)]}[launcher]
+    proc = subprocess.Popen([sys.executable, SUPERVISE, *prefix, *trainer], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=process_env())
     metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 180
     while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
         time.sleep(0.02)
-    os.kill(_ranks_under(proc.pid)[1], signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the job's process group: supervisor, launcher, trainers
     text = proc.communicate(timeout=180)[0]
     marker = json.load(open(os.path.join(out, "preempted.json")))
     stopped = marker["step"]
+    assert proc.returncode == 75, text[-3000:]
     assert 3 < stopped < 10 and marker["checkpoint"] == f"step{stopped:08d}", text[-3000:]
-    assert proc.returncode == 75 and "received SIGTERM" in text, text[-3000:]
-    assert f"checkpoint {os.path.join(out, 'checkpoints', marker['checkpoint'])} written; exiting with 75" in text
+    assert text.count(f"stopped by SIGTERM at step {stopped}") == 1  # (the launcher's own SIGTERM changed nothing)
     assert open(os.path.join(out, "checkpoints", "latest")).read() == marker["checkpoint"]
-    # the requeued job (its ranks started directly: the launcher's part, passing on exit 75, is proven above)
-    text = Ranks(ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=29732).finish()
+    # the requeued job (its ranks started directly: the launcher's part is proven above)
+    port += 1
+    text = Ranks(ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=port).finish()
     assert f"resumed from {marker['checkpoint']}" in text and not os.path.exists(os.path.join(out, "preempted.json"))
     expected, got = reference_losses, losses(out)
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+STORE_FAILS_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+from dali_pipes import loader
+from dali_pipes.shard_store import StoreUnavailable
+from trainer import pretrain
+
+original, served = loader.VideoLoader.__iter__, [0]
+
+def iterate(self):  # rank 1's store stops answering after 3 batches (the reader's retries spent)
+    for batch in original(self):
+        served[0] += 1
+        if os.environ["RANK"] == "1" and served[0] > 3:
+            raise StoreUnavailable("s3://bucket/set stopped answering: batch 3 of epoch 0 failed 6 times over 31 s")
+        yield batch
+
+loader.VideoLoader.__iter__ = iterate
+sys.exit(pretrain.main(pretrain.Pretraining, sys.argv[1:]))
+"""
+
+
+def test_a_store_failing_on_one_rank_ends_every_rank_with_exit_code_4(shards, tmp_path):
+    """The rank whose store stopped answering used to exit 4 while the others waited in the step's collectives until
+    their timeout (then died on it): the job's code was not 4. It now steps on a placeholder batch until every rank
+    has read the failure with a step's numbers; all exit 4, nothing checkpointed after the failure."""
+    out = str(tmp_path / "run")
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+            "checkpoint_every=2", "--max-steps", "10"]
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_FAILS_ON_RANK_1.format(root=ROOT), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=process_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=29741)) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [4, 4], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "stopped answering: batch 3 of epoch 0" in outputs[1]
+    assert "the shard store stopped answering on 1 rank(s) of 2" in outputs[0]
+    latest = open(os.path.join(out, "checkpoints", "latest")).read()
+    assert latest == "step00000002" and f"the last good checkpoint is {out}/checkpoints/{latest}" in outputs[0]
+    assert [name for name in os.listdir(os.path.join(out, "checkpoints")) if name.startswith("step")] == [latest]
 
 
 def _nan_at_step_3(self, engine, batch):

@@ -30,16 +30,15 @@ TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """(proxy, the local shards folder): moto's server with a user whose key the environment holds, a bucket with
-    the set under set/, the proxy as AWS_ENDPOINT_URL (DALI's AWS SDK keeps its first endpoint: one per process)."""
+@pytest.fixture(scope="session")
+def loopback_store(tmp_path_factory):
+    """(proxy, the local shards folder, the user's key): moto's server with a user, a bucket with the set under set/,
+    and the counting proxy in front of it, once per test process: DALI's AWS SDK keeps the first endpoint a process
+    gives it, so a second server (a module's fixture made again after pytest-xdist moved on and came back) would be
+    unreachable for DALI."""
     shards = make_shards(tmp_path_factory.mktemp("remote"), n=8, frames=40)
     server = MotoServer()
     proxy = None
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED",
-                                            "MAE_ST_SHARD_CACHE", "MAE_ST_SHARD_CACHE_GB")}
     try:
         proxy = CountingProxy(server.port)
         iam = boto3.session.Session().client("iam", endpoint_url=f"http://127.0.0.1:{server.port}",
@@ -49,25 +48,40 @@ def store(tmp_path_factory):
         key = iam.create_access_key(UserName="trainer")["AccessKey"]
         iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"],
-                          AWS_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.url,
-                          AWS_EC2_METADATA_DISABLED="true",  # nothing beyond 127.0.0.1
-                          MAE_ST_SHARD_CACHE=str(tmp_path_factory.mktemp("cache")), MAE_ST_SHARD_CACHE_GB="0")
-        os.environ.pop("AWS_DEFAULT_REGION", None)
-        s3 = boto3.session.Session(region_name="us-east-1").client("s3")
+        s3 = boto3.session.Session(region_name="us-east-1").client(
+            "s3", endpoint_url=proxy.url, aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"])
         s3.create_bucket(Bucket=BUCKET)
         for name in os.listdir(shards):
             if os.path.isfile(os.path.join(shards, name)):
                 s3.upload_file(os.path.join(shards, name), BUCKET, f"set/{name}")
                 if not name.endswith("000001.idx"):  # a copy of the set that lacks one index
                     s3.upload_file(os.path.join(shards, name), BUCKET, f"noindex/{name}")
+        yield proxy, shards, key
+    finally:
+        if proxy:
+            proxy.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def store(loopback_store, tmp_path_factory):
+    """(proxy, the local shards folder), the environment pointing at them (endpoint, the user's key, the node cache)
+    for this module's tests."""
+    proxy, shards, key = loopback_store
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED",
+                                            "MAE_ST_SHARD_CACHE", "MAE_ST_SHARD_CACHE_GB")}
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"],
+                          AWS_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.url,
+                          AWS_EC2_METADATA_DISABLED="true",  # nothing beyond 127.0.0.1
+                          MAE_ST_SHARD_CACHE=str(tmp_path_factory.mktemp("cache")), MAE_ST_SHARD_CACHE_GB="0")
+        os.environ.pop("AWS_DEFAULT_REGION", None)
         yield proxy, shards
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        if proxy:
-            proxy.stop()
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ again to resume)."""
 import argparse
 import sys
 
+from trainer import supervise
 from trainer.checkpointing import Checkpointer
 from trainer.data import task_manifest
 from trainer.recipes import CHANGEABLE_ON_RESUME, recipe_changes, resolve_recipe
@@ -84,4 +85,6 @@ def main(task_type, argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, VersionProblem, NotShared) as err:  # ConfigConflict too
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run.train()
+    code = run.train()
+    supervise.record_exit(code)  # (under trainer/supervise.py: the job ends with it)
+    return code

@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,8 +38,29 @@ from trainer.recipes import as_saved, recipe_changes
 from trainer.run_folder import check_shared
 
 log = logging.getLogger("trainer")
-PREEMPTED = "preempted"  # what run_steps returns when a stop signal ended it (after checkpointing)
-EXIT_STORE_UNAVAILABLE = 4  # the shard store stopped answering (trainer/cli.py's exit codes)
+EXIT_GUARD, EXIT_STORE_UNAVAILABLE = 3, 4  # trainer/cli.py's exit codes
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the step loop ended before its last step: the process's exit code, what to say, and what to do."""
+
+    code: int
+    message: str = ""
+    advice: str = ""
+
+
+PREEMPTED = Stop(EXIT_PREEMPTED)  # a stop signal ended it, after its checkpoint
+
+
+class StepNumbers(NamedTuple):
+    """What an optimizer step reads back to the host, each summed over the ranks."""
+
+    loss: float  # each rank's mean over its micro-batches
+    grad_norm: float  # each rank's copy of the global norm
+    skipped: float  # undecodable videos replaced so far
+    stop_requests: float  # ranks that got a stop signal
+    store_failures: float  # ranks whose shard store stopped answering (they stepped on a placeholder batch)
 
 
 @dataclass(frozen=True)
@@ -55,8 +77,7 @@ class _Step:
     """An optimizer step whose numbers are still on their way to the host (accounted for one step later)."""
 
     step: int
-    # summed over ranks: [mean loss over its micro-batches, gradient norm, skipped videos, ranks told to stop]
-    readback: HostReadback
+    readback: HostReadback  # of its StepNumbers
     lr: float
     elapsed: float  # seconds since the previous step ended
     wait: float  # of them, waiting for the loader
@@ -181,13 +202,13 @@ class Run:
         """Train to the end (or --max-steps), checkpoint, export, finish; returns the process exit code."""
         trains = self.task.trains
         try:
-            problem = self.run_steps(self.stop_at) if trains else None
-        except StoreUnavailable as err:  # the checkpoints stay as they are: a restart resumes from the last one
-            return self._stop(str(err), EXIT_STORE_UNAVAILABLE, "start again when the store answers")
-        if problem == PREEMPTED:
+            stopped = self.run_steps(self.stop_at) if trains else None
+        except StoreUnavailable as err:  # one process: the checkpoints stay as they are, a restart resumes
+            stopped = _store_stop(str(err))
+        if stopped == PREEMPTED:
             return self._preempted()
-        if problem:
-            return self._stop(problem)
+        if stopped:
+            return self._stop(stopped)
         tag = self.checkpointer.latest()
         if trains and tag != f"step{self.step:08d}":
             tag = self.checkpointer.save(self.engine, self.step, self._stateful())  # (a finished run has nothing new)
@@ -209,9 +230,9 @@ class Run:
             print("\n".join(head + lines), flush=True)
         return 0
 
-    def run_steps(self, stop_at: int) -> str | None:
-        """Optimizer steps until `stop_at`; returns why the guard stopped the run, PREEMPTED after the checkpoint a
-        stop signal asked for, or None.
+    def run_steps(self, stop_at: int) -> Stop | None:
+        """Optimizer steps until `stop_at`; returns None, PREEMPTED after the checkpoint a stop signal asked for, or
+        why the run stopped without a checkpoint (the loss guard; a shard store that stopped answering on a rank).
 
         The host never waits for the device inside this loop but where noted: each step's loss, gradient norm and
         stop requests reach the host one step later (HostReadback), where the guard checks them, the monitor logs
@@ -227,10 +248,10 @@ class Run:
         - ZeRO's gradient reduction is a collective each optimizer step: it is the step."""
         device, log_every, epoch, pending = self.env.device, self.task.recipe.run.log_every, self.loader.epoch, None
         loss_sum = torch.zeros((), device=device)
-        last_end, wait = time.perf_counter(), 0.0
+        last_end, wait, store_failure = time.perf_counter(), 0.0, None
         while self.step < stop_at:
             start = time.perf_counter()
-            batch = next(self._stream)
+            batch, store_failure = self._next_batch(store_failure)
             wait += time.perf_counter() - start
             loss, outputs = self.task.loss(self.engine, batch)
             self.engine.backward(loss)
@@ -239,7 +260,8 @@ class Run:
             if self.engine.global_steps == self.step:  # inside a gradient accumulation
                 continue
             self.step = self.engine.global_steps
-            counters = _to_device([float(self.loader.skipped), float(self.preemption.requested)], device)
+            counters = _to_device([float(self.loader.skipped), float(self.preemption.requested),
+                                   float(store_failure is not None)], device)
             values = torch.cat([(loss_sum / self.batch.accumulation).view(1), _grad_norm(self.engine, device).view(1),
                                 counters])
             now = time.perf_counter()
@@ -272,19 +294,38 @@ class Run:
             return problem
         return None
 
-    def _account(self, done: _Step) -> tuple[str | None, bool]:
-        """The guard, the monitor and the hooks for a step whose numbers have reached the host: (why the guard stops
-        the run, or None; whether some rank was told to stop)."""
-        total_loss, grad_norm, skipped, stops = done.readback.result()
-        mean_loss, grad_norm = total_loss / self.env.world_size, grad_norm / self.env.world_size
+    def _next_batch(self, store_failure: StoreUnavailable | None):
+        """(the next batch, this rank's store failure or None). A rank whose store stopped answering (after the
+        reader's retries) cannot leave the others waiting in the step's collectives: it steps on a placeholder
+        batch, flagging the failure in the step's numbers, until every rank has read it and stops with exit code 4,
+        no checkpoint written. Alone, it stops at once."""
+        if store_failure is None:
+            try:
+                return next(self._stream), None
+            except StoreUnavailable as err:
+                if self.env.world_size == 1:
+                    raise
+                log.error("%s; the other ranks learn it with this step's numbers", err)
+                store_failure = err
+        return self.loader.placeholder_batch(), store_failure
+
+    def _account(self, done: _Step) -> tuple[Stop | None, bool]:
+        """The guard, the monitor and the hooks for a step whose numbers have reached the host: (why the run stops
+        without a checkpoint, or None; whether some rank was told to stop)."""
+        numbers = StepNumbers(*done.readback.result())
+        if numbers.store_failures:
+            return _store_stop(f"the shard store stopped answering on {numbers.store_failures:.0f} rank(s) of "
+                               f"{self.env.world_size} (step {done.step}: see that rank's log)"), False
+        mean_loss, grad_norm = numbers.loss / self.env.world_size, numbers.grad_norm / self.env.world_size
         problem = self.guard.check(mean_loss, grad_norm)
         if problem:
-            return f"stopping at step {done.step}: {problem}", False
-        self.monitor.step(done.step, mean_loss, done.lr, grad_norm if done.logged else None, int(skipped),
+            return Stop(EXIT_GUARD, f"stopping at step {done.step}: {problem}",
+                        "lower blr, or raise warmup_epochs, first"), False
+        self.monitor.step(done.step, mean_loss, done.lr, grad_norm if done.logged else None, int(numbers.skipped),
                           done.logged, done.elapsed, done.wait)
         for hook in self.hooks:
             hook.after_step(done.step, done.batch, done.outputs)
-        return None, stops > 0
+        return None, numbers.stop_requests > 0
 
     def _stateful(self) -> dict:
         """What a checkpoint saves besides the engine and the RNGs: where the loader stands, what the guard saw."""
@@ -308,16 +349,20 @@ class Run:
         self.close()
         return EXIT_PREEMPTED
 
-    def _stop(self, problem: str, code: int = 3, advice: str = "lower blr, or raise warmup_epochs, first") -> int:
+    def _stop(self, stopped: Stop) -> int:
         latest = self.checkpointer.latest()
         where = f"the last good checkpoint is {os.path.join(self.checkpointer.dir, latest)}" if latest \
             else "no checkpoint was written yet"
-        message = (f"{problem}. Nothing after the last checkpoint is saved; {where} "
-                   f"(a restart resumes from it: {advice})")
+        message = (f"{stopped.message}. Nothing after the last checkpoint is saved; {where} "
+                   f"(a restart resumes from it: {stopped.advice})")
         if self.env.is_main:
             log.error(message)
         self.close()
-        return code
+        return stopped.code
+
+
+def _store_stop(message: str) -> Stop:
+    return Stop(EXIT_STORE_UNAVAILABLE, message, "start again when the store answers")
 
 
 def _due(step: int, every: int) -> bool:

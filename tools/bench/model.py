@@ -150,7 +150,7 @@ def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
         start, first = time.perf_counter(), run.step
         problem = run.run_steps(run.step + steps)
         if problem:
-            raise RuntimeError(problem)
+            raise RuntimeError(problem.message)
         seconds = time.perf_counter() - start
         rows = [r for r in run.monitor.history if r["step"] > first]
         return {"seconds": seconds, "items": steps * run.batch.clips_per_step,

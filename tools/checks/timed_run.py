@@ -71,7 +71,7 @@ def check_timed_run(task, args: Namespace, model_cfg, env, steps: int, batch, dt
     if env.is_main:
         shutil.rmtree(out, ignore_errors=True)
     if problem:
-        return Check("timed run", FAIL, problem, "lower blr or check the data: the loss guard stopped the run")
+        return Check("timed run", FAIL, problem.message, problem.advice)
     rows = list(run.monitor.history)[len(run.monitor.history) // 2:]  # the second half: warm
     if not rows:
         return Check("timed run", PASS, f"{steps} steps ran (figures on rank 0)")
