@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import process_env
-from trainer.launchers import LaunchProblem, first_host, resolve_launch, tasks_per_node
+from trainer.launchers import LaunchProblem, expand_hostlist, first_host, resolve_launch, tasks_per_node
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +37,69 @@ def test_each_launchers_variables_resolve_to_a_place_in_the_job():
     assert (alone.rank, alone.world_size, alone.master_port, alone.launcher) == (0, 1, 0, "python")
     assert first_host("gpu-[003-006,9],login1") == "gpu-003" and first_host("node7") == "node7"
     assert tasks_per_node("8(x2),4") == [8, 8, 4]
+
+
+def test_slurm_host_lists_with_suffixes_and_several_bracket_groups():
+    """first_host("gpu[01-04]-ib") returned "gpu01": the job's master was a host without the interface suffix."""
+    assert first_host("gpu[01-04]-ib") == "gpu01-ib"
+    assert list(expand_hostlist("gpu[01-02]-ib,rack[1-2]n[7,09-10],login1")) == [
+        "gpu01-ib", "gpu02-ib", "rack1n7", "rack1n09", "rack1n10", "rack2n7", "rack2n09", "rack2n10", "login1"]
+    assert first_host("a[008-010]b[1-2].cluster") == "a008b1.cluster"
+    for bad in ("gpu[01-04", "gpu[a-b]", "gpu]1["):
+        with pytest.raises(LaunchProblem, match="set MASTER_ADDR"):
+            first_host(bad)
+
+
+SLURM_STEP_OF_TWO_DAEMONS = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                             "SLURM_STEP_ID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
+                             "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+
+
+def test_mpirun_inside_a_slurm_allocation_takes_its_own_ranks():
+    """Open MPI starts its daemons with srun, so its 16 processes inherit the daemons' SLURM variables (rank 0 of 2):
+    they resolved to srun's rank 0 of 2 and the group hung. srun's own PMI (srun --mpi=pmi2) repeats SLURM's rank
+    and size: srun stays the launcher there (it alone knows the local rank)."""
+    mpirun = resolve_launch({**SLURM_STEP_OF_TWO_DAEMONS, "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16",
+                             "OMPI_COMM_WORLD_LOCAL_RANK": "5", "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+                             "MASTER_ADDR": "gpu01", "MASTER_PORT": "29500"})
+    assert (mpirun.rank, mpirun.world_size, mpirun.local_rank, mpirun.launcher) == (5, 16, 5, "openmpi")
+    hydra = resolve_launch({**SLURM_STEP_OF_TWO_DAEMONS, "PMI_RANK": "9", "PMI_SIZE": "16", "MPI_LOCALRANKID": "1",
+                            "MASTER_ADDR": "gpu01"})
+    assert (hydra.rank, hydra.world_size, hydra.launcher) == (9, 16, "mpich")
+    pmi2 = resolve_launch({**SLURM_STEP_OF_TWO_DAEMONS, "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+                           "SLURM_NODEID": "1", "PMI_RANK": "1", "PMI_SIZE": "2"})
+    assert (pmi2.rank, pmi2.world_size, pmi2.master_addr, pmi2.launcher) == (1, 2, "gpu01", "srun")
+
+
+def test_a_jobs_derived_port_is_below_linuxs_ephemeral_range():
+    """20000 + job id % 20000 reached 39999, inside 32768-60999, where an outgoing connection may hold it."""
+    ports = {resolve_launch({**SLURM_STEP_OF_TWO_DAEMONS, "SLURM_JOB_ID": str(job)}).master_port
+             for job in range(0, 100_000, 7)}
+    assert min(ports) >= 20000 and max(ports) < 32768 and len(ports) > 10000
+
+
+def test_each_process_trains_on_a_gpu_it_sees_chosen_before_the_process_group(monkeypatch):
+    """srun --gpus-per-task=1: task 3 of a node sees one GPU. LOCAL_RANK stayed 3 and DeepSpeed bound the process
+    group to cuda:3 ("device_id ... is out of range") before the modulo was taken."""
+    import deepspeed
+    import torch
+
+    from trainer import engine
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.setdefault("set_device", torch.device(device)))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: seen.update(
+        local_rank=os.environ["LOCAL_RANK"], device_first="set_device" in seen, **kwargs))
+    monkeypatch.setattr(engine, "remove_stale_build_locks", lambda: None)
+    monkeypatch.setattr(os, "environ", {**process_env(), **SLURM_STEP_OF_TWO_DAEMONS, "SLURM_PROCID": "3",
+                                        "SLURM_LOCALID": "3", "SLURM_STEP_NUM_TASKS": "8",
+                                        "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "MASTER_PORT": "29500"})
+    env = engine.init_distributed()
+    assert env.device == torch.device("cuda", 0) and (env.rank, env.local_rank) == (3, 3)
+    assert seen["set_device"] == torch.device("cuda", 0) and seen["device_first"]
+    assert seen["local_rank"] == "0" and seen["dist_backend"] == "nccl"
 
 
 def test_a_process_that_would_train_alone_by_mistake_is_refused():

@@ -39,22 +39,31 @@ def init_distributed(timeout: float | None = None) -> DistEnv:
     launch = resolve_launch()
     os.environ.update(launch.torch_variables())  # what DeepSpeed and torch read (MASTER_PORT=0: any free port)
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if cuda:  # the GPU is chosen before the process group, which DeepSpeed binds to cuda:LOCAL_RANK
+        device = torch.device("cuda", gpu_index(launch.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        os.environ["LOCAL_RANK"] = str(device.index)
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
     import deepspeed
 
     remove_stale_build_locks()
     if not cuda:
         skip_deepspeed_shm_op()
+        torch.set_num_threads(default_threads(launch.local_world_size))  # (ranks on one machine share its cores)
     options = {"timeout": timedelta(seconds=timeout)} if timeout else {}
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, **options)
-    if cuda:  # srun --gpus-per-task=1 shows each process one GPU: its index is 0 whatever its local rank
-        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:  # the launcher does not limit threads: ranks on one machine share its cores
-        device = torch.device("cpu")
-        torch.set_num_threads(default_threads(launch.local_world_size))
     return DistEnv(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, device, launch.launcher)
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU this process trains on, among the `visible` ones: its local rank's, or, where the launcher gives each
+    process GPUs of its own (srun --gpus-per-task=1, a per-task CUDA_VISIBLE_DEVICES), its share of them. DeepSpeed
+    passes device_id=cuda:LOCAL_RANK to init_process_group (deepspeed/comm/torch.py), which raises "device_id ...
+    is out of range" on every task whose local rank is at least the number of GPUs it sees: LOCAL_RANK is set to
+    this index."""
+    return local_rank % visible
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale_of=None) -> list[dict]:

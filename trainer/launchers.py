@@ -3,13 +3,17 @@ srun, or mpirun (Open MPI, MVAPICH, MPICH / Intel MPI), or plain `python` for on
 
 Each launcher says it in its own variables; DeepSpeed reads only torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) and otherwise looks for mpi4py. Resolved here into one LaunchEnv, then written into torch's variables
-before the process group starts. A process whose environment says "one of several" (an srun step or an MPI job of
+before the process group starts. The launcher closest to the process wins: torch's variables (the deepspeed
+launcher, torchrun: explicit), then an MPI launcher's (mpirun inside a SLURM allocation starts its daemons with
+srun, so its processes inherit SLURM's variables, which count the daemons), then srun's. A process whose environment says "one of several" (an srun step or an MPI job of
 more than one task, a SLURM allocation of several tasks entered without srun) but resolves to a world of one is
 refused: every such process would otherwise train alone, on the same GPU, into the same run folder.
 """
 
+import itertools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -42,15 +46,51 @@ MPI_LAUNCHERS = (
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 )
 DEFAULT_PORT = 29500
+# the ports a SLURM job's own port is derived from: below 32768, where Linux's ephemeral range (ip_local_port_range,
+# 32768-60999 by default) begins, so no outgoing connection on the node can hold it
+JOB_PORTS = (20000, 32000)
+
+
+def expand_hostlist(hostlist: str) -> Iterator[str]:
+    """The hosts of a SLURM host list, in order, lazily: names separated by commas, each with any number of bracket
+    groups of numbers and ranges, zero padding kept ("gpu[01-02]-ib,rack[1-2]n[7,9]" -> gpu01-ib, gpu02-ib, rack1n7,
+    rack1n9, rack2n7, rack2n9): SLURM's hostlist grammar (slurm.conf NodeName, scontrol show hostnames)."""
+    for name in _top_level_split(hostlist.strip()):
+        parts = re.split(r"\[([^\]]*)\]", name)  # text, group, text, group, ..., text
+        if not name or any("[" in text or "]" in text for text in parts[::2]):
+            raise LaunchProblem(f"cannot read the SLURM node list {hostlist!r}: set MASTER_ADDR to the first node")
+        choices = [[part] if i % 2 == 0 else _numbers(part, hostlist) for i, part in enumerate(parts)]
+        for combination in itertools.product(*choices):
+            yield "".join(combination)
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Split on the commas outside brackets."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    return names + [text[start:]]
+
+
+def _numbers(group: str, hostlist: str) -> list[str]:
+    """"01-03,7" -> ["01", "02", "03", "7"]: each range as wide as its first number."""
+    found = []
+    for item in group.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not match:
+            raise LaunchProblem(f"cannot read {item!r} in the SLURM node list {hostlist!r}: set MASTER_ADDR to the "
+                                "first node")
+        low, high = int(match[1]), int(match[2] or match[1])
+        found += [str(n).zfill(len(match[1])) for n in range(low, high + 1)]
+    return found
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM host list: "gpu-[003-006,9],login1" -> "gpu-003"."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise LaunchProblem(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR to the first node")
-    prefix, ranges = match[1], match[2]
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+    """The first host of a SLURM host list: "gpu[01-04]-ib" -> "gpu01-ib"."""
+    return next(expand_hostlist(nodelist))
 
 
 def tasks_per_node(spec: str) -> list[int]:
@@ -100,8 +140,8 @@ def _from_srun(environ) -> LaunchEnv:
         raise LaunchProblem("srun set no node list (SLURM_STEP_NODELIST): set MASTER_ADDR to the first node")
     if "MASTER_PORT" in environ:
         port = _int(environ, "MASTER_PORT")
-    elif "SLURM_JOB_ID" in environ:  # a port of the job's own: jobs may share a node
-        port = 20000 + _int(environ, "SLURM_JOB_ID") % 20000
+    elif "SLURM_JOB_ID" in environ:  # a port of the job's own (jobs may share a node), below Linux's ephemeral
+        port = JOB_PORTS[0] + _int(environ, "SLURM_JOB_ID") % (JOB_PORTS[1] - JOB_PORTS[0])  # ports: none is in use
     else:
         port = DEFAULT_PORT
     return LaunchEnv(_int(environ, "SLURM_PROCID"), world, _int(environ, "SLURM_LOCALID"), local_world,
@@ -117,6 +157,15 @@ def _from_mpi(environ, launcher: str, rank: str, size: str, local: str, local_si
     return LaunchEnv(_int(environ, rank), world, _int(environ, local) if local in environ else 0,
                      _int(environ, local_size) if local_size in environ else world,
                      environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", DEFAULT_PORT)), launcher)
+
+
+def _srun_is_the_mpi_launcher(environ, mpi: tuple) -> bool:
+    """Whether srun started this process itself with its PMI (srun --mpi=pmi2/pmix: the MPI variables repeat SLURM's
+    rank and size), rather than mpirun inside an allocation, whose daemons srun started and whose variables the
+    processes inherit (SLURM's rank and size then count the daemons, one per node: the MPI ones are this process's)."""
+    _, rank, size, _, _ = mpi
+    steps = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS"))
+    return environ[rank] == environ["SLURM_PROCID"] and environ.get(size) == steps
 
 
 def _claimed_processes(environ, explicit_world: bool) -> list[tuple[str, int]]:
@@ -139,13 +188,16 @@ def resolve_launch(environ=None) -> LaunchEnv:
     """This process's place in the job, from the launcher's variables (torch's first: they are explicit)."""
     environ = os.environ if environ is None else environ
     explicit = "RANK" in environ or "WORLD_SIZE" in environ
+    mpi = next((m for m in MPI_LAUNCHERS if m[1] in environ), None)
+    srun = "SLURM_PROCID" in environ and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ)
     if explicit:
         env = _from_torch(environ)
-    elif "SLURM_PROCID" in environ and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ):
+    elif mpi and not (srun and _srun_is_the_mpi_launcher(environ, mpi)):
+        env = _from_mpi(environ, *mpi)
+    elif srun:
         env = _from_srun(environ)
     else:
-        found = next((m for m in MPI_LAUNCHERS if m[1] in environ), None)
-        env = _from_mpi(environ, *found) if found else LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "python")
+        env = LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "python")
     if env.world_size == 1:
         several = [(who, n) for who, n in _claimed_processes(environ, explicit) if n > 1]
         if several:
