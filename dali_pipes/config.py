@@ -12,8 +12,11 @@ from dali_pipes.sampling import EvalViews, TrainViews
 
 
 def default_threads(processes_per_node: int = 1) -> int:
-    """This process's share of the cores it may run on (the ranks of one node share them)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, processes_per_node))
+    """This process's share of the node's cores. A process allowed on every core of the machine shares them with
+    the node's other ranks; one the launcher bound to some cores (srun's CPU binding, mpirun --bind-to, numactl)
+    already has its share: all of those are its own."""
+    allowed = len(os.sched_getaffinity(0))
+    return max(1, allowed // max(1, processes_per_node) if allowed >= (os.cpu_count() or allowed) else allowed)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -316,6 +316,18 @@ def test_finetune_loader_with_rand_augment(vp9_shards):
     assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.config.views.spec.scale == (0.08, 1.0)
 
 
+def test_each_rank_takes_its_share_of_the_node_once(monkeypatch):
+    """srun binds each of 8 tasks to 12 of a node's 96 CPUs: the share was divided again by the 8 processes per
+    node, leaving 1 thread. A process allowed on the whole node still shares it with the node's other ranks."""
+    from dali_pipes.config import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12, 24)))  # bound by the launcher
+    assert default_threads(8) == 12 and default_threads(1) == 12
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))  # the whole node
+    assert default_threads(8) == 12 and default_threads(1) == 96
+
+
 def test_bad_arguments_fail_early_and_clearly(tmp_path, vp9_shards):
     with pytest.raises(FileNotFoundError, match="no shards folder"):
         build_pretrain_loader(str(tmp_path / "nope"))
