@@ -170,7 +170,13 @@ def test_the_route_gives_each_format_to_a_decoder_that_reads_it_on_this_gpu():
     with pytest.raises(ValueError, match=r"cannot read av1/yuv420p \(3 clips\) on this Hopper GPU .*decoder='auto'"):
         choose_route("dali-gpu", mixed, h100)
     assert choose_route("auto", {"h264/yuv444p": 1, "h264/yuv420p": 1}, h100).host_formats == {"h264/yuv444p": 1}
-    assert choose_route("auto", {"h264/yuv422p": 1}, b200).host is None  # Blackwell decodes H.264 4:2:2
+    # MJPEG is no NVDEC codec (it ended in "NVDEC is probably not available"); DALI's NVDEC decoders output NV12
+    # (4:2:0) only: HEVC 4:4:4 (Turing on) and Blackwell's 4:2:2, which the hardware decodes, go to the host too
+    for fmt, gpu in (("mjpeg/yuvj420p", h100), ("mjpeg", a10), ("hevc/yuv444p", h100), ("h264/yuv422p", b200),
+                     ("hevc/yuv422p10le", b200)):
+        route = choose_route("auto", {fmt: 1, "h264/yuv420p": 3}, gpu)
+        assert (route.main.name, route.host_formats) == ("dali-gpu", {fmt: 1}), (fmt, gpu)
+    assert choose_route("auto", {"hevc/yuv420p10le": 1, "h264/yuv420p10le": 1}, b200).host is None
     # on a CPU: DALI's decoder for the VP9 clips, PyAV for the H.264 ones of the same shards
     route = choose_route("auto", {"vp9/yuv420p": 5, "h264/yuv420p": 1}, None)
     assert (route.main.name, route.host.name) == ("dali-cpu", "pyav") and route.per_clip

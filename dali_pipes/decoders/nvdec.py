@@ -9,7 +9,13 @@ What NVDEC decodes depends on the GPU's generation (NVIDIA Video Codec SDK 13.0,
   8.7), Ada (L4, L40, RTX 40: 8.9) and Blackwell (10.x and newer). NOT on A100 (GA100) nor H100/H200 (Hopper): their
   column says N. An AV1 clip in a shard set on those GPUs decodes on the host instead (the loader routes it).
 - Blackwell adds H.264 High 10 / High 4:2:2 and HEVC Main 4:2:2 10/12.
-DALI's 'mixed' decoder reads H.264, HEVC, VP8, VP9, MJPEG, AV1 and MPEG-4 (fn.decoders.video documentation).
+No JPEG: MJPEG is not in NVDEC's table (JPEG is another engine's, NVJPG), though DALI's documentation lists it for
+the 'mixed' video decoder: MJPEG clips decode on the host.
+What DALI makes of NVDEC narrows it further: its 'mixed' video decoder creates every NVDEC decoder with NV12 output
+surfaces (DALI 2.4, operators/video/frames_decoder_gpu.cc: CUVIDDECODECREATEINFO.OutputFormat left at 0, NV12) and
+converts them as 8-bit 4:2:0. A 4:2:2 or 4:4:4 stream has no NV12 surface (cuvidGetDecoderCaps' nOutputFormatMask),
+so those decode on the host too, on every GPU. 10- and 12-bit 4:2:0 (HEVC Main 10, VP9 profile 2) stay on NVDEC,
+unproven: the preflight's NVDEC check decodes a probe at the shards' own pixel format.
 """
 
 from dali_pipes.decoders.base import DaliDecoder
@@ -23,9 +29,9 @@ EVERY_GENERATION = {
     "vp9": {"yuv420p"} | _HIGH_DEPTH_420,
     "vp8": {"yuv420p"},
     "mpeg4": {"yuv420p"},
-    "mjpeg": {"yuvj420p", "yuvj422p", "yuvj444p", "yuv420p", "yuv422p", "yuv444p"},
 }
 AV1 = {"av1": {"yuv420p", "yuv420p10le"}}
+DALI_SURFACES = _420 | _HIGH_DEPTH_420  # what DALI's NV12 decoders take: 4:2:0 (module docstring)
 BLACKWELL_ADDS = {"h264": {"yuv420p10le", "yuv422p", "yuvj422p", "yuv422p10le"},
                   "hevc": {"yuv422p", "yuv422p10le", "yuv422p12le"}}
 
@@ -45,7 +51,7 @@ def generation(capability: tuple[int, int]) -> str:
 
 
 def nvdec_formats(capability: tuple[int, int]) -> dict:
-    """codec -> the pixel formats NVDEC decodes on a GPU of this compute capability."""
+    """codec -> the pixel formats NVDEC's hardware decodes on a GPU of this compute capability."""
     gen = generation(capability)
     formats = {codec: set(fmts) for codec, fmts in EVERY_GENERATION.items()}
     if gen not in ("Volta", "Pascal or older"):
@@ -65,7 +71,7 @@ class NvdecDecoder(DaliDecoder):
 
     def __init__(self, capability: tuple[int, int] = (9, 0)):
         self.capability = tuple(capability)
-        self.formats = nvdec_formats(self.capability)
+        self.formats = {codec: fmts & DALI_SURFACES for codec, fmts in nvdec_formats(self.capability).items()}
 
     @property
     def gpu(self) -> str:
