@@ -10,10 +10,12 @@ OUT/{split}-{000000}.tar holds, per sample KEY (dataset-unique, no dots):
 num_frames counts the frames that decode, from frame 0 = the first decodable one. height x width is the stored frame
 (what a decoder outputs); rotation is the degrees CLOCKWISE (0, 90, 180, 270) that turn it upright for display (a
 phone's portrait clip: stored landscape, rotation 90).
-OUT/{split}-{000000}.idx is its DALI index (wds2idx format) and OUT/manifest.json describes the whole set. OUT is a
-folder or an object store's prefix (shard_store.py).
+OUT/{split}-{000000}.idx is its DALI index (wds2idx format) and OUT/manifest.json describes the whole set, each shard
+with its bytes and SHA-256 and its index's (sets built before they were recorded lack them). OUT is a folder or an
+object store's prefix (shard_store.py).
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -27,6 +29,16 @@ MANIFEST = "manifest.json"
 # and a 224 crop needs ~256-320 px (mae_st / SlowFast pre-resize Kinetics to a 256 short side, VideoMAE to 320).
 # build_shards.py --codec copy warns above it and the manifest counts the clips above it.
 RECOMMENDED_SHORT_SIDE = 320
+KINETICS_FRAME = (256, 341)  # (height, width) of a typical stored frame when a manifest does not say: Kinetics at 256
+
+
+def file_sha256(path: str) -> str:
+    """The checksum a manifest records of each shard and index (a copy is checked against it before it is used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def shard_name(split: str, index: int) -> str:

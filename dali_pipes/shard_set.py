@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from dali_pipes.shard_format import read_manifest
-from dali_pipes.shard_store import open_store
+from dali_pipes.shard_store import Expected, open_store
 
 log = logging.getLogger("dali_pipes")
 
@@ -68,7 +68,9 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
     info = manifest["splits"][split]
     if not info["shards"]:
         raise ValueError(f"{location}: the {split!r} split has no shards")
-    store.fetch({name: size for s in info["shards"] for name, size in ((s["tar"], s.get("bytes")), (s["index"], None))})
+    store.fetch({name: expected for s in info["shards"] for name, expected in (
+        (s["tar"], Expected(s.get("bytes"), s.get("sha256"))), (s["index"], Expected(s.get("index_bytes"),
+                                                                                    s.get("index_sha256"))))})
     sizes = store.sizes()
     damage = {i: problem for i, shard in enumerate(info["shards"]) if (problem := shard_damage(sizes, shard))}
     if damage and not skip_damaged:

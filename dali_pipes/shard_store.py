@@ -18,11 +18,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -32,6 +34,14 @@ GCS_HELP = ("gs:// is read through Google Cloud Storage's S3-interoperable XML A
             "AWS_SECRET_ACCESS_KEY to it and AWS_ENDPOINT_URL=https://storage.googleapis.com")
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
                      "403"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a set's manifest says of one of its files (None: not recorded, as in sets built before it was)."""
+
+    size: int | None = None
+    sha256: str | None = None
 
 
 class StoreRefused(FileNotFoundError):
@@ -62,7 +72,7 @@ class LocalStore:
             return json.load(f)
 
     def fetch(self, files: dict) -> None:
-        """Make {name: expected bytes or None} readable by DALI: here they already are."""
+        """Make {name: Expected} readable by DALI: here they already are."""
 
     def sizes(self) -> dict:
         """{file name: bytes} of every file of the set."""
@@ -101,16 +111,20 @@ class S3Store:
                 return None
 
     def fetch(self, files: dict) -> None:
-        """Copy {name: expected bytes or None} into the node cache when they fit there (those the store holds at
-        their size: the damage check judges the store's listing), else leave DALI to stream them."""
+        """Copy {name: Expected} into the node cache when they fit there (those the store holds at their size: the
+        damage check judges the store's listing), else leave DALI to stream them."""
         listed = self.sizes()
-        whole = {name: size for name, size in files.items() if name in listed and size in (None, listed[name])}
-        if self.cache.fill(whole, self.open):
+        whole = {name: e for name, e in files.items() if name in listed and e.size in (None, listed[name])}
+        split = sum(listed.get(name, 0) for name in files) / 1e9
+        if not self.cache.enabled:
+            log.warning("%s: the node cache is off (MAE_ST_SHARD_CACHE_GB=0): DALI streams the split (%.3f GB) from "
+                        "the store every epoch", self.location, split)
+        elif self.cache.fill(whole, self.open):
             self.cached, self.streamed = set(whole), False
         else:
-            log.warning("%s: the split (%.1f GB) does not fit the node cache %s (MAE_ST_SHARD_CACHE_GB): DALI streams "
-                        "it from the store every epoch", self.location, sum(listed.get(n, 0) for n in files) / 1e9,
-                        self.cache.root)
+            log.warning("%s: the split (%.1f GB) does not fit the node cache %s (%.1f GB, MAE_ST_SHARD_CACHE_GB) beside "
+                        "the splits in use: DALI streams it from the store every epoch", self.location, split,
+                        self.cache.root, self.cache.limit() / 1e9)
 
     def sizes(self) -> dict:
         """One paginated listing of the prefix."""
@@ -163,65 +177,95 @@ class S3Store:
 class NodeCache:
     """A node-local folder of remote splits: MAE_ST_SHARD_CACHE (default: the system's temporary folder, which is on
     the node's own disk on most clusters), one folder per location, at most MAE_ST_SHARD_CACHE_GB in all (default:
-    half the free space there, plus what the cache holds; 0 turns caching off). Every rank of the node shares it
-    under one lock: the first copies, the others find the copy. A file is published (renamed into place) only at the
-    size the manifest gives it; the splits used longest ago are evicted to make room for a new one."""
+    half the free space there, plus what the cache holds; 0 turns caching off). Every rank of the node shares it:
+    the first copies, the others find the copy (a lock makes them wait rather than copy too). Each writer copies into
+    a temporary name of its own and publishes a file (an atomic rename) only at the size and SHA-256 the manifest
+    gives it, so two writers never mix their bytes, even where the lock is a no-op. A process using a split holds a
+    lease on it (a file named after its PID, live while the process is); the splits used longest ago are evicted to
+    make room for a new one, never one a live process holds. The folder must be node-local: on a network filesystem
+    (NFS, Lustre, GPFS, ...) locks may be no-ops and the eviction of one node would delete another's split in use,
+    so such a folder is refused with the reason."""
 
     def __init__(self, location: str):
         self.root = os.environ.get("MAE_ST_SHARD_CACHE") or os.path.join(tempfile.gettempdir(), "mae_st_shards")
         self.folder = os.path.join(self.root, hashlib.sha256(location.encode()).hexdigest()[:16])
         self.wrong_sizes = {}  # files the store sent at another size than the manifest's: not published
 
+    @property
+    def enabled(self) -> bool:
+        return os.environ.get("MAE_ST_SHARD_CACHE_GB") not in ("0", "0.0")
+
+    def limit(self) -> float:
+        """Bytes the cache may hold."""
+        limit = os.environ.get("MAE_ST_SHARD_CACHE_GB")
+        held = sum(_folder_bytes(e.path) for e in os.scandir(self.root) if e.is_dir()) if os.path.isdir(
+            self.root) else 0
+        return float(limit) * 1e9 if limit else shutil.disk_usage(self.root).free / 2 + held
+
     def fill(self, files: dict, open_file) -> bool:
-        """Copy {name: expected bytes or None} with open_file(name) (a stream, or None when the store has no such
-        file), those already here at their size left alone; False, copying nothing, when they do not fit."""
+        """Copy {name: Expected} with open_file(name) (a stream, or None when the store has no such file), those
+        already here whole left alone, and hold this split; False, copying nothing, when it does not fit."""
         os.makedirs(self.folder, exist_ok=True)
+        _refuse_network_filesystem(self.root)
         with open(os.path.join(self.root, ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
             present = self.sizes()
-            todo = {name: size for name, size in files.items()
-                    if name not in present or (size is not None and present[name] != size)}
-            if not self._make_room(sum(size or 0 for size in todo.values())):
+            todo = {name: e for name, e in files.items()
+                    if name not in present or (e.size is not None and present[name] != e.size)}
+            if not self._make_room(sum(e.size or 0 for e in todo.values())):
                 return False
+            self._hold()
             os.utime(self.folder)  # last used: what eviction goes by
-            with tqdm(total=sum(size or 0 for size in todo.values()), unit="B", unit_scale=True, disable=None,
+            with tqdm(total=sum(e.size or 0 for e in todo.values()), unit="B", unit_scale=True, disable=None,
                       desc=f"copying into the node cache {self.folder}") as progress:
-                for name, size in todo.items():
-                    self._copy(name, size, open_file)
-                    progress.update(size or 0)
+                for name, expected in todo.items():
+                    self._copy(name, expected, open_file)
+                    progress.update(expected.size or 0)
             if todo:
                 log.info("copied %d files (%.1f MB) into the node cache %s", len(todo),
-                         sum(size or 0 for size in todo.values()) / 1e6, self.folder)
+                         sum(e.size or 0 for e in todo.values()) / 1e6, self.folder)
             return True
 
+    def _hold(self) -> None:
+        """This process's lease on the split: eviction leaves a split alone while a process holding it lives."""
+        open(os.path.join(self.folder, f".in_use.{os.getpid()}"), "w").close()
+
     def _make_room(self, needed: int) -> bool:
-        """Evict other splits, those used longest ago first, until `needed` bytes fit the cache's limit."""
+        """Evict other splits no live process holds, those used longest ago first, until `needed` bytes fit."""
         held = {entry.path: _folder_bytes(entry.path) for entry in os.scandir(self.root) if entry.is_dir()}
-        limit = os.environ.get("MAE_ST_SHARD_CACHE_GB")
-        limit = float(limit) * 1e9 if limit else shutil.disk_usage(self.root).free / 2 + sum(held.values())
+        limit = self.limit()
         if needed + held.get(self.folder, 0) > limit:
             return False
         for folder in sorted(set(held) - {self.folder}, key=os.path.getmtime):
             if needed + sum(held.values()) <= limit:
                 break
+            if _in_use(folder):
+                continue
             log.info("node cache: evicting %s (%.1f MB, last used %s)", folder, held[folder] / 1e6,
                      time.ctime(os.path.getmtime(folder)))
             shutil.rmtree(folder, ignore_errors=True)
             del held[folder]
-        return True
+        return needed + sum(held.values()) <= limit
 
-    def _copy(self, name: str, size: int | None, open_file) -> None:
+    def _copy(self, name: str, expected: Expected, open_file) -> None:
         response = open_file(name)
         if response is None:
             return  # the damage check names it missing
-        partial = os.path.join(self.folder, f".{name}.partial")
+        partial = os.path.join(self.folder, f".{name}.{socket.gethostname()}.{os.getpid()}.partial")  # this writer's
+        digest = hashlib.sha256()
         with response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
         got = os.path.getsize(partial)
-        if size is not None and got != size:
+        if expected.size is not None and got != expected.size:
             os.remove(partial)
             self.wrong_sizes[name] = got
             return
+        if expected.sha256 is not None and digest.hexdigest() != expected.sha256:
+            os.remove(partial)
+            raise StoreRefused(f"{name}: the store sent {got:,} bytes whose SHA-256 is not the manifest's: the object "
+                               "is damaged in the store (publish the set again: tools/build_shards.py --out)")
         os.replace(partial, os.path.join(self.folder, name))
 
     def sizes(self) -> dict:
@@ -231,6 +275,52 @@ class NodeCache:
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
+
+
+# filesystems whose folders other nodes also see (their locks may be no-ops: NFS without lockd, Lustre's localflock)
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.glusterfs", "panfs", "wekafs", "orangefs", "afs", "9p", "fuse.sshfs", "fuse.s3fs",
+                       "fuse.gcsfuse", "fuse.juicefs", "fuse.ceph"}
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem `path` is on, from /proc/mounts (the longest mount point above it); "" if unknown."""
+    path, best, kind = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    mount = fields[1].replace("\\040", " ")
+                    if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                        best, kind = mount, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def _refuse_network_filesystem(root: str) -> None:
+    kind = filesystem_type(root)
+    if kind in NETWORK_FILESYSTEMS:
+        raise StoreRefused(f"the node cache {root} is on a {kind} filesystem, which other nodes share: a node cache "
+                           "must be on the node's own disk (its lock and eviction assume one node). Set "
+                           "MAE_ST_SHARD_CACHE to a local folder (/tmp, a local NVMe), or copy the set to the shared "
+                           "filesystem once and give --data that folder")
+
+
+def _in_use(folder: str) -> bool:
+    """Whether a live process of this node holds the split in `folder` (leases of dead processes are removed)."""
+    live = False
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".in_use."):
+            try:
+                os.kill(int(entry.name.rsplit(".", 1)[1]), 0)
+                live = True
+            except ProcessLookupError:
+                os.remove(entry.path)
+            except (PermissionError, ValueError):  # another user's live process; a name not ours
+                live = True
+    return live
 
 
 def _folder_bytes(folder: str) -> int:
@@ -266,11 +356,14 @@ class HttpStore:
             return json.load(response)
 
     def fetch(self, files: dict) -> None:
-        """Copy {name: expected bytes or None} into the node cache."""
-        if not self.cache.fill(files, self.open):
-            raise StoreRefused(f"{self.location}: the split ({sum(v or 0 for v in files.values()) / 1e9:.1f} GB) does "
-                               f"not fit the node cache {self.cache.root} (MAE_ST_SHARD_CACHE, MAE_ST_SHARD_CACHE_GB), "
-                               "and DALI cannot read http: copy the set to a filesystem or an S3 store")
+        """Copy {name: Expected} into the node cache."""
+        why = "the node cache is off (MAE_ST_SHARD_CACHE_GB=0)" if not self.cache.enabled else None
+        if why is None and not self.cache.fill(files, self.open):
+            why = (f"the split ({sum(e.size or 0 for e in files.values()) / 1e9:.1f} GB) does not fit the node cache "
+                   f"{self.cache.root} (MAE_ST_SHARD_CACHE, MAE_ST_SHARD_CACHE_GB)")
+        if why:
+            raise StoreRefused(f"{self.location}: {why}, and DALI cannot read http: copy the set to a filesystem or an "
+                               "S3 store")
 
     def sizes(self) -> dict:
         return self.cache.sizes()

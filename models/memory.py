@@ -7,8 +7,9 @@ hidden activations before and after GELU (2 x mlp_ratio x D): 16 D values at mlp
 et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", 34 s b h bytes per layer) without its
 dropout masks. Recomputing keeps only each block's input (D) plus one block's activations during its backward.
 Model state per parameter (bf16 mixed precision with AdamW): bf16 weights and gradients (2 + 2 bytes), fp32 master
-weights, Adam moments (4 + 4 + 4), and fp32 gradient accumulation (4) when accumulating; ZeRO-1 partitions the
-optimizer state over the ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights.
+weights, Adam moments (4 + 4 + 4), and fp32 gradient accumulation (4) when accumulating (always, unpartitioned,
+under DeepSpeed's BF16_Optimizer: ZeRO-1 in bf16); ZeRO-1 partitions the optimizer state over the ranks, ZeRO-2 also
+the gradients, ZeRO-3 also the weights.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from models.config import ClassifierConfig, MAEConfig, VideoViTConfig
 
 GB = 1e9
+# the gradients DeepSpeed's engine all-reduces per flattened bucket where no ZeRO optimizer reduces them (BF16_Optimizer:
+# engine.py allreduce_gradients, MEMORY_OPT_ALLREDUCE_SIZE), whatever reduce_bucket_size says
+DEEPSPEED_ALLREDUCE_ELEMENTS = 500_000_000
 
 
 def block_activation_values(dim: int, mlp_ratio: float) -> float:
@@ -93,13 +97,18 @@ def activation_bytes(cfg: VideoViTConfig, clips: int, views: int, mask_ratio: fl
 
 def training_memory(cfg: VideoViTConfig, clips: int, views: int, *, world_size: int = 1, zero_stage: int = 2,
                     bf16: bool = True, accumulation: int = 1, mask_ratio: float = 0.9, mask_repeats: int = 1,
-                    recompute: bool = False) -> MemoryEstimate:
-    """Bytes per GPU for training `cfg` on micro-batches of `clips` x `views` with AdamW under ZeRO `zero_stage`."""
+                    recompute: bool = False, bf16_optimizer: bool = False) -> MemoryEstimate:
+    """Bytes per GPU for training `cfg` on micro-batches of `clips` x `views` with AdamW under ZeRO `zero_stage`.
+    bf16_optimizer: DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 and fp32 accumulation) keeps an fp32 copy of every
+    gradient on every rank, unpartitioned, at any accumulation (runtime/bf16_optimizer.py fp32_groups_gradients), and
+    all-reduces them through a flat copy (engine.py allreduce_no_retain)."""
     params = parameter_count(cfg)
     low = 2 if bf16 else 4  # weights and gradients in the training dtype
     weights = low * params / (world_size if zero_stage >= 3 else 1)
     gradients = low * params / (world_size if zero_stage >= 2 else 1)
-    if accumulation > 1 and bf16:  # fp32 accumulation buffers (ds_configs: data_types.grad_accum_dtype fp32)
+    if bf16_optimizer:  # the fp32 copy, and the flat copy its all-reduce makes of up to 500 M of them at once
+        gradients += 4 * params + 4 * min(params, DEEPSPEED_ALLREDUCE_ELEMENTS)
+    elif accumulation > 1 and bf16:  # fp32 accumulation buffers (ds_configs: data_types.grad_accum_dtype fp32)
         gradients += 4 * params / (world_size if zero_stage >= 2 else 1)
     optimizer = (12 if bf16 else 8) * params / (world_size if zero_stage >= 1 else 1)
     activations = activation_bytes(cfg, clips, views, mask_ratio, mask_repeats, recompute, low)

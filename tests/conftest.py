@@ -8,6 +8,7 @@ workers never oversubscribe a machine. Tests marked `long` are dealt out among t
 import os
 import pathlib
 import shutil
+import socket
 
 import av
 import numpy as np
@@ -27,6 +28,13 @@ def process_env(**variables) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith(("SLURM_", "OMPI_",
                                                                                                       "PMI_", "MV2_"))}
     return {**clean, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in variables.items()}}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing holds now (for a process group's master, a loopback server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",

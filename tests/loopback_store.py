@@ -14,16 +14,12 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from conftest import free_port
+
 # every request after the first AUTH_FREE_ACTIONS must carry a key that moto's IAM knows (moto's documented switch,
 # docs.getmoto.org "IAM-like Access Control"); the first ones create that key
 AUTH_FREE_ACTIONS = 3
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:

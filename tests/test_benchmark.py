@@ -59,7 +59,7 @@ def test_model_contenders_take_turns_with_their_ratios_mfu_and_decoder_masking(s
     assert set(report["decoder_masking"]["peak_mb"]) == {"1.0", "0.5", "0.25"}
     assert list(rows["model vit_tiny parts sdpa M=1"]["parts"]) == [
         "embed + encoder", "decoder", "loss (targets included)", "backward", "optimizer"]
-    assert report["gpu_projection"]["accelerator"] == "H100"
+    assert report["gpu_projection"]["accelerator"] == "H100 SXM"
 
 
 def test_stages_and_decode_limit_run_and_report(shards, tmp_path):
@@ -89,7 +89,7 @@ def test_per_round_ratio():
 
 
 def test_projection_arithmetic():
-    p = projection("H100", mfu=0.5, repeats=4)
+    p = projection("H100 SXM", mfu=0.5, repeats=4)
     vit_l = next(r for r in p["rows"] if r["model"] == "vit_l")
     assert vit_l["train_gflop_per_view"] == pytest.approx(6 * 81.6, rel=0.01)  # 81.6 G multiply-adds per view
     assert vit_l["views_per_s"] == pytest.approx(0.5 * 989e12 / (vit_l["train_gflop_per_view"] * 1e9), rel=0.01)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_shards, process_env
+from conftest import free_port, make_shards, process_env
 from dali_pipes.dali_errors import NVDEC_HELP, first_meaningful_line, nvdec_missing
 from models import build_classifier, build_pretrain_model
 from models.config import ClassifierConfig, MAEConfig, resolve_config
@@ -210,6 +210,54 @@ def test_the_memory_plan_recomputes_only_when_it_must():
     assert "nccl" not in runtime_reserve(recipe, config, BatchPlan(8, 8, 1), 4)  # one process: no communicator
 
 
+def test_the_figures_a_gpu_run_reports_are_its_own(monkeypatch):
+    """The MFU of an fp32 run was against bf16's tensor-core peak; the timed run projected an H100 NVL or PCIe with
+    the SXM part's peak and called an H200 "H100"; the memory check held a micro-batch against the whole GPU,
+    ignoring what the CUDA context, NCCL, DeepSpeed's buckets and DALI hold beside it."""
+    from tools.bench.gpu_projection import accelerator_for
+    from tools.checks import model
+    from trainer import device_peak, memory_plan
+    from trainer.ds_config import BatchPlan, read_ds_config
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device_peak, "measured_matmul_peak", lambda device, dtype, seconds=0.3: 51e12)
+    for name, sku in (("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 NVL", "H100 NVL"),
+                      ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200 SXM"), ("NVIDIA L4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert accelerator_for(gpu) == sku, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_peak.device_peak_flops(gpu, torch.bfloat16)[0] == 989e12
+    peak, source = device_peak.device_peak_flops(gpu, torch.float32)
+    assert peak == 51e12 and "measured torch.float32 matmul (the datasheet table holds bf16's peak)" in source
+    # ViT-H, 8 clips x 4 views per GPU, ZeRO-2 over 8 H100s: a micro-batch of 71 GB fits 80 GB but not what is left
+    recipe = PRETRAIN_RECIPES["k400_VIT_H_16x4_MAE_PT"]
+    ds = read_ds_config(os.path.join(ROOT, "ds_configs", "zero2_bf16.json"), recipe)
+    cfg, batch = resolve_config(MAEConfig, "vit_h"), BatchPlan(8, 8, 8)
+    monkeypatch.setattr(memory_plan, "device_capacity", lambda device: 80 * GB)
+    for measured, status in ((71 * GB, "FAIL"), (40 * GB, "PASS")):
+        monkeypatch.setattr(model, "measure_micro_batch", lambda *args, measured=measured: measured)
+        check = model.check_memory(cfg, recipe, ds, batch, gpu, 4, 256 * 341)
+        assert check.status == status and check.figures["reserve_gb"] > 3, check.summary
+    assert "usable beside the runtime's" in check.summary and "dali" in check.summary
+
+
+def test_zero1s_bf16_optimizer_is_counted_with_its_whole_fp32_gradients():
+    """ds_configs/zero1_bf16.json runs DeepSpeed's BF16_Optimizer, which keeps an unpartitioned fp32 copy of every
+    gradient and all-reduces it through a flat copy of up to 500 M elements: the estimate counted none of it."""
+    from trainer.ds_config import BatchPlan, read_ds_config
+    from trainer.memory_plan import estimate, runtime_reserve
+
+    recipe = PRETRAIN_RECIPES["k400_VIT_H_16x4_MAE_PT"]
+    zero1, zero2 = (read_ds_config(os.path.join(ROOT, "ds_configs", f"zero{n}_bf16.json"), recipe) for n in (1, 2))
+    assert zero1.bf16_optimizer(1) and not zero2.bf16_optimizer(8)
+    cfg, batch = resolve_config(MAEConfig, "vit_h"), BatchPlan(8, 1, 64)  # the paper's 512 clips on 64 GPUs
+    params = parameter_count(cfg)
+    assert estimate(cfg, recipe, zero1, batch, 4, False).gradients == 2 * params + 4 * params + 4 * 500_000_000
+    assert estimate(cfg, recipe, zero2, batch, 4, False).gradients == 2 * params / 64
+    assert "deepspeed_buckets" not in runtime_reserve(recipe, zero1, batch, 4)  # (reduce_bucket_size is ignored)
+
+
 def test_ds_configs_accumulate_gradients_in_fp32_and_deepspeed_runs_them(monkeypatch, tmp_path):
     """bf16 keeps 8 mantissa bits: every GPU ds_config accumulates in fp32, and the trainer adds it when a config
     accumulates without saying. DeepSpeed 0.19.8 takes it under ZeRO-1, 2 and 3 (checked on the CPU, in bf16)."""
@@ -280,13 +328,28 @@ def test_the_preflight_decodes_a_probe_of_every_codec_with_the_decoder_it_gets_h
     formats = {"vp9/yuv420p": 10, "h264/yuv420p": 3}
     nvdec, host = check_decoders(choose_route("auto", formats, None), formats, cpu)
     assert nvdec.status == "SKIP" and host.status == "PASS", host
-    assert "vp9/yuv420p (dali-cpu), h264/yuv420p (pyav)" in host.summary
+    assert "vp9/yuv420p 342x256 (dali-cpu), h264/yuv420p 342x256 (pyav)" in host.summary  # (no size: Kinetics')
     on_h100 = choose_route("auto", {"h264/yuv420p": 8, "av1/yuv420p10le": 2}, (9, 0))
     assigned = {codec: (decoder.name, pix) for codec, (decoder, pix) in decoder_assignments(
         on_h100, on_h100.host_formats | {"h264/yuv420p": 8}).items()}
     assert assigned == {"h264": ("dali-gpu", "yuv420p"), "av1": ("pyav", "yuv420p10le")}
     _, host = check_decoders(on_h100, {"h264/yuv420p": 8, "av1/yuv420p10le": 2}, cpu)
-    assert host.status == "PASS" and "av1/yuv420p10le (pyav)" in host.summary
+    assert host.status == "PASS" and "av1/yuv420p10le 342x256 (pyav)" in host.summary
+
+
+def test_probe_clips_are_made_at_the_shards_median_size_and_at_least_nvdecs_minimum():
+    """The probe was 128x96, below what NVDEC decodes of HEVC (144x144) and VP9 (128x128): the NVDEC check failed on a
+    healthy GPU for VP9 or HEVC shards, and the timed run was skipped."""
+    from dali_pipes.decoders import choose_route
+    from tools.checks.decoding import check_decoders, probe_size, shards_frame
+
+    frame = shards_frame({"short_side": {"min": 240, "median": 256, "max": 320}, "pixels_median": 256 * 341})
+    assert frame == (341, 256) and probe_size("h264", frame) == (342, 256)  # (even sides)
+    assert probe_size("hevc", (128, 96)) == (144, 144) and probe_size("vp9", (128, 96)) == (128, 128)
+    assert probe_size("av1", None) == (342, 256) and shards_frame({"short_side": {}}) is None  # (an old manifest)
+    formats = {"vp9/yuv420p": 2}
+    _, host = check_decoders(choose_route("auto", formats, None), formats, torch.device("cpu"), (640, 360))
+    assert host.status == "PASS" and "vp9/yuv420p 640x360 (dali-cpu)" in host.summary
 
 
 FAILING_RANK = """
@@ -322,6 +385,42 @@ def test_a_check_that_raises_on_one_rank_is_a_fail_naming_it_not_a_hang(tmp_path
     assert "FAIL  shared folder" in report and "rank 1 on" in report and "cannot write there: PermissionError" in report
     assert "timed run     not run: a check failed on ranks [0, 1]" in report
     assert json.load(open(tmp_path / "run" / "preflight.json"))["counts"]["FAIL"] >= 1
+
+
+FAILS_INSIDE_THE_ALL_REDUCE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tools.checks import environment
+if os.environ["RANK"] == "1":  # a network adapter that fails NCCL's transport on this rank's node
+    def broken(*args, **kwargs):
+        raise RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with NCCL_DEBUG)")
+    environment._bus_bandwidth = broken
+from tools import preflight
+code = preflight.main(sys.argv[1:])
+print("NCCL waits:", os.environ.get("TORCH_NCCL_BLOCKING_WAIT"), os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
+sys.exit(code)
+"""
+
+
+def test_a_rank_failing_inside_the_all_reduce_is_named_in_the_report(tmp_path):
+    """With torch's default NCCL error handling a failed or timed-out collective tears the process down: nobody
+    reported, and not at all when rank 0 was among the aborted. The preflight waits on NCCL blocking (errors raise
+    where they happen), its groups time out at --timeout, and the report names the rank that failed and the ones
+    that waited for it."""
+    shards = make_shards(tmp_path, n=4, frames=20)
+    args = ["--data", shards, "--recipe", "demo_PT", "--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"),
+            "--output", str(tmp_path / "run"), "--timeout", "3"]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FAILS_INSIDE_THE_ALL_REDUCE.format(root=ROOT), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env(
+                                  RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outputs[0][-3000:]
+    report = outputs[0]
+    line = next(line for line in report.splitlines() if line.startswith("FAIL  all-reduce"))
+    assert "ranks [1]: RuntimeError: NCCL error in" in line and "ranks [0] waited for them" in line, report[-3000:]
+    assert all("NCCL waits: 1 2" in out for out in outputs)
 
 
 def test_a_job_whose_other_ranks_never_come_fails_within_the_timeout(tmp_path):

@@ -169,6 +169,32 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
         killed, "checkpoints", "step00000012", "meta.json")))["total_steps"]
 
 
+def test_a_universal_resume_puts_every_optimizer_state_where_fused_adamw_steps():
+    """DeepSpeed's universal loader writes state['step'] as the file had it (a CPU tensor, or a number), where torch's
+    own loader moves a fused AdamW's step to the parameter's device as float32: on a GPU the first step after such a
+    resume would meet a CPU step. Checked on the placement logic (a 'meta' parameter stands for the GPU) and on a
+    real fused AdamW."""
+    from types import SimpleNamespace
+
+    from trainer.checkpointing import place_optimizer_state
+
+    param = torch.zeros(3, device="meta")
+    state = {"step": torch.tensor(7), "exp_avg": torch.zeros(3, dtype=torch.float64), "exp_avg_sq": torch.zeros(3)}
+    place_optimizer_state(SimpleNamespace(param_groups=[{"params": [param], "fused": True}], state={param: state}))
+    assert all(v.device.type == "meta" and v.dtype == torch.float32 for v in state.values()), state
+    plain = {"step": 7}
+    place_optimizer_state(SimpleNamespace(param_groups=[{"params": [param], "fused": False}], state={param: plain}))
+    assert plain["step"].device.type == "cpu" and plain["step"].dtype == torch.float32  # (torch's own policy)
+    weight = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.AdamW([weight], fused=True)
+    weight.grad = torch.ones(3)
+    adam.step()
+    adam.state[weight]["step"] = 7  # as a universal checkpoint may leave it
+    place_optimizer_state(adam)
+    adam.step()
+    assert adam.state[weight]["step"].item() == 8
+
+
 SUPERVISE = os.path.join(ROOT, "trainer", "supervise.py")
 
 

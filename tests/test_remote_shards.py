@@ -8,17 +8,19 @@ import functools
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import boto3
 import pytest
 
-from conftest import make_shards
+from conftest import make_shards, process_env
 from dali_pipes.config import LoaderConfig
 from dali_pipes.cursor import Cursor
 from dali_pipes.reader import ShardReader
 from dali_pipes.shard_set import open_shard_set
-from dali_pipes.shard_store import S3Store, StoreUnavailable
+from dali_pipes.shard_store import Expected, NodeCache, S3Store, StoreRefused, StoreUnavailable
 from loopback_store import CountingProxy, MotoServer
 from tools import build_shards
 from trainer import pretrain
@@ -255,13 +257,80 @@ def test_the_node_cache_evicts_the_split_used_longest_ago_and_streams_what_canno
     monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", str(1.5 * (split["bytes"] + index_bytes) / 1e9))  # one split fits
     first = open_shard_set(f"s3://{BUCKET}/set", "train")
-    os.utime(os.path.dirname(first.tars[0]), (1, 1))  # used long ago
+    folder = os.path.dirname(first.tars[0])
+    os.utime(folder, (1, 1))  # used long ago
+    second = open_shard_set(f"s3://{BUCKET}/noindex", "train", skip_damaged=True)
+    assert second.streamed and os.path.exists(first.tars[0])  # this process holds the first: it stays
+    (lease,) = [name for name in os.listdir(folder) if name.startswith(".in_use.")]
+    os.rename(os.path.join(folder, lease), os.path.join(folder, ".in_use.999999999"))  # as if its process had ended
     second = open_shard_set(f"s3://{BUCKET}/noindex", "train", skip_damaged=True)
     assert not second.streamed and not os.path.exists(first.tars[0])  # the first split made room for the second
     monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", str(0.5 * split["bytes"] / 1e9))  # too small for any split
     third = open_shard_set(f"s3://{BUCKET}/set", "train")
     assert third.streamed and third.tars[0].startswith(f"s3://{BUCKET}/set/")
     assert os.path.exists(second.tars[0])  # not evicted for a split that would not have fitted anyway
+
+
+FILL_THE_CACHE = """
+import fcntl, os, sys, time
+sys.path.insert(0, {root!r})
+fcntl.flock = lambda *args: None  # a filesystem whose locks are no-ops (Lustre's localflock, NFS without lockd)
+from dali_pipes.shard_format import file_sha256
+from dali_pipes.shard_store import Expected, NodeCache
+
+class Trickle:  # a slow store: the two writers' copies overlap
+    def __init__(self, path):
+        self.file = open(path, "rb")
+    def read(self, size):
+        time.sleep(0.005)
+        return self.file.read(4096)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.file.close()
+
+source, names = sys.argv[1], sys.argv[2:]
+files = {{n: Expected(os.path.getsize(os.path.join(source, n)), file_sha256(os.path.join(source, n))) for n in names}}
+print("filled", NodeCache("s3://bucket/set").fill(files, lambda n: Trickle(os.path.join(source, n))))
+"""
+
+
+def test_two_writers_without_a_working_lock_publish_whole_files(store, tmp_path):
+    """One `.partial` name for every writer, guarded by a lock that a shared filesystem may not honour: two writers
+    wrote into the same file (a published shard could hold zero-filled gaps, or the second rename failed). Each
+    writer now copies under a name of its own and publishes only at the manifest's size and SHA-256."""
+    _, shards = store
+    names = sorted(n for n in os.listdir(shards) if n.endswith((".tar", ".idx")))
+    env = process_env(MAE_ST_SHARD_CACHE=str(tmp_path / "cache"), MAE_ST_SHARD_CACHE_GB="1")
+    writers = [subprocess.Popen([sys.executable, "-c", FILL_THE_CACHE.format(root=ROOT), shards, *names],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=120)[0] for w in writers]
+    assert all("filled True" in out for out in outputs), outputs
+    (folder,) = [entry.path for entry in os.scandir(tmp_path / "cache") if entry.is_dir()]
+    assert sorted(os.listdir(folder)) == sorted(names + [f".in_use.{w.pid}" for w in writers])  # no partial left
+    for name in names:
+        assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(shards, name), "rb").read(), name
+
+
+def test_a_node_cache_on_a_shared_filesystem_or_a_damaged_object_is_refused_with_the_reason(store, tmp_path,
+                                                                                            monkeypatch):
+    from dali_pipes import shard_store
+
+    _, shards = store
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", "1")
+    assert shard_store.filesystem_type("/proc/self") == "proc"
+    monkeypatch.setattr(shard_store, "filesystem_type", lambda path: "lustre")
+    with pytest.raises(StoreRefused, match="is on a lustre filesystem, which other nodes share: a node cache must be "
+                                           "on the node's own disk"):
+        open_shard_set(f"s3://{BUCKET}/set", "train")
+    monkeypatch.undo()
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", "1")
+    name = sorted(n for n in os.listdir(shards) if n.endswith(".tar"))[0]
+    wrong = Expected(os.path.getsize(os.path.join(shards, name)), "0" * 64)
+    with pytest.raises(StoreRefused, match=f"{name}: the store sent .* SHA-256 is not the manifest's"):
+        NodeCache(f"s3://{BUCKET}/set").fill({name: wrong}, lambda n: open(os.path.join(shards, n), "rb"))
 
 
 def test_an_http_set_is_copied_once_into_the_node_cache(store, tmp_path, monkeypatch):

@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="DALI threads / DataLoader workers (default: the cores available)")
-    p.add_argument("--accelerator", choices=sorted(ACCELERATORS), default="H100", help="for the GPU projection")
+    p.add_argument("--accelerator", choices=sorted(ACCELERATORS), default="H100 SXM", help="for the GPU projection")
     p.add_argument("--assumed-mfu", type=float, default=0.4, help="the projection's model FLOP utilisation")
     p.add_argument("--json", help="also write the measurements, ratios and machine here")
     for key, value in PRESETS["small"].items():

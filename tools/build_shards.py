@@ -333,8 +333,8 @@ def write_manifest(args, label_map, results, existing: dict | None = None) -> di
         manifest["splits"][split] = {
             "samples": len(samples), "bytes": sum(s["bytes"] for s in shards),
             "codecs": dict(Counter(s["codec"] for s in samples)), **frame_summary(samples),
-            "shards": [{"tar": s["tar"], "index": s["index"], "samples": len(s["samples"]), "bytes": s["bytes"]}
-                       for s in shards],
+            "shards": [{"tar": s["tar"], "index": s["index"], "samples": len(s["samples"]), "bytes": s["bytes"],
+                        **{k: s[k] for k in ("sha256", "index_bytes", "index_sha256") if k in s}} for s in shards],
         }
         manifest["skipped"] += skipped
     atomic_write_text(os.path.join(args.out, MANIFEST), json.dumps(manifest, indent=1))

@@ -102,6 +102,7 @@ def main(argv=None) -> int:
 
     from dali_pipes.decoders import choose_route, gpu_capability
     from dali_pipes.mixture import parse_data
+    from dali_pipes.shard_format import read_manifest
     from dali_pipes.shard_set import open_shard_set
     from tools.checks import decoding, environment, model, store, timed_run
     from tools.checks.ranks import Ranks
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
             args.output, "preflight.json") if os.path.isdir(args.output) else None)
     os.makedirs(args.output, exist_ok=True)
     nccl_log = environment.log_nccl_to(os.path.join(args.output, "nccl"))
+    environment.nccl_errors_raise()
     try:
         env = init_distributed(timeout=args.timeout)
     except Exception as err:  # an incomplete launch, or a network that does not answer within the timeout
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                              "every process of the job must start and reach MASTER_ADDR:MASTER_PORT (see the README's "
                              "launcher table); NCCL_DEBUG=INFO shows the network NCCL tries"))
         return write_report(results, "preflight stopped: this process could not join the job", None)
-    ranks = Ranks(env.rank, env.world_size, 2 * args.timeout)
+    ranks = Ranks(env.rank, env.world_size, args.timeout)
     views = task.views_per_clip()
     results.append(guarded("shared folder", environment.check_shared_folder, args.output, env.rank, env.world_size))
     results.append(guarded("all-reduce", environment.check_network, env.device, ranks, nccl_log))
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
                                           recipe.loading.skip_damaged_shards).formats)
         formats = dict(formats)
         route = choose_route(recipe.loading.decoder, formats, gpu_capability(env.device))
-        results += decoding.check_decoders(route, formats, env.device)
+        split = read_manifest(sources[0].location)["splits"].get(recipe.loading.split, {})
+        results += decoding.check_decoders(route, formats, env.device, decoding.shards_frame(split))
     except (ValueError, FileNotFoundError) as err:
         results.append(Check("decoders", FAIL, str(err), "choose another decoder=, or rebuild the shards"))
     ds_config = batch = None

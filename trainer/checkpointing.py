@@ -133,6 +133,8 @@ class Checkpointer:
         path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")
+        if plan.universal:
+            place_optimizer_state(getattr(engine.optimizer, "optimizer", engine.optimizer))
         source = tag.removesuffix("_universal")
         with open(os.path.join(self.dir, source, "meta.json")) as f:
             step = json.load(f)["step"]
@@ -181,6 +183,24 @@ class Checkpointer:
     def export_mae_st(self, tag: str, path: str, epoch: float) -> None:
         """fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards, in mae_st's format (rank 0 only)."""
         write_checkpoint(from_ours(fp32_weights(self.dir, tag), "mae_st"), path, "mae_st", epoch=epoch)
+
+
+def place_optimizer_state(optimizer) -> None:
+    """Every state tensor of a torch optimizer where its kind of step needs it, as torch's own load_state_dict puts it
+    (torch/optim/optimizer.py, _process_value_according_to_param_policy): moments on the parameter's device and
+    dtype; `step` a float32 tensor, on the parameter's device for a fused (or capturable) optimizer. DeepSpeed's
+    universal loader writes the states itself (runtime/base_optimizer.py, zero/stage3.py: state['step'] from the file
+    as loaded), so a fused AdamW on a GPU would meet a step on the CPU."""
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if key == "step":
+                    step = value if torch.is_tensor(value) else torch.tensor(float(value))
+                    state[key] = step.to(device=param.device if on_device else "cpu", dtype=torch.float32)
+                elif torch.is_tensor(value) and value.is_floating_point():
+                    state[key] = value.to(device=param.device, dtype=param.dtype)
 
 
 def fp32_weights(checkpoints: str, tag: str | None = None) -> dict:

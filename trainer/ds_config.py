@@ -58,6 +58,13 @@ class DsConfig:
     def fp32_accumulation(self) -> bool:
         return self.settings.get("data_types", {}).get("grad_accum_dtype") == "fp32"
 
+    def bf16_optimizer(self, accumulation: int) -> bool:
+        """Whether DeepSpeed runs this config with its BF16_Optimizer: bf16, ZeRO-1 and fp32 gradient accumulation
+        (engine.py _do_optimizer_sanity_check; for_deepspeed adds fp32 accumulation when accumulating). It keeps an
+        unpartitioned fp32 copy of the gradients, ignores reduce_bucket_size and all-reduces them once per optimizer
+        step, after the backward (README, "Memory": when ZeRO-1 pays)."""
+        return self.bf16 and self.zero_stage == 1 and (self.fp32_accumulation or accumulation > 1)
+
     def bucket(self, name: str) -> int:
         """A ZeRO bucket's size in elements (reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size,
         stage3_max_live_parameters), DeepSpeed's default when not set."""

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from dali_pipes.shard_format import KINETICS_FRAME
 from models.memory import GB, training_memory
 
 USABLE_SHARE = 0.9  # of what is left after the reserve: the caching allocator's fragmentation
@@ -20,7 +21,6 @@ CUDA_CONTEXT = 1.0 * GB  # CUDA context, cuBLAS/cuDNN workspaces (an assumption:
 NCCL_CHANNELS = 32  # an upper bound: NCCL uses up to 32 channels on NVLink/NVSwitch nodes
 NCCL_BUFFSIZE = 4 * 2**20  # NCCL's default buffer per channel, direction and peer ($NCCL_BUFFSIZE changes it)
 DECODE_LANES = 4  # views pipelines taking turns on a GPU (dali_pipes/pipeline_pool.py NVDEC_PIPELINES)
-FRAME_PIXELS = 256 * 341  # a stored frame, when the manifest does not say (Kinetics at a 256 short side)
 
 
 def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = None) -> dict:
@@ -29,7 +29,7 @@ def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = No
     value_bytes = 2 if ds.bf16 else 4
     spec = recipe.views
     clips, frames = batch.micro_batch, spec.num_frames * (views if spec.per_view_start else 1)
-    stored = frames * (frame_pixels or FRAME_PIXELS) * 3  # uint8 RGB frames of one decoded clip
+    stored = frames * (frame_pixels or KINETICS_FRAME[0] * KINETICS_FRAME[1]) * 3  # uint8 RGB frames of a clip
     view_values = views * 3 * spec.num_frames * spec.crop_size ** 2  # one clip's views
     lanes = recipe.loading.decode_pipelines or DECODE_LANES
     reserve = {"cuda_context": CUDA_CONTEXT,
@@ -39,7 +39,8 @@ def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = No
     if batch.world_size > 1:  # each channel, each direction, both ring neighbours
         buffsize = int(os.environ.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE))
         reserve["nccl"] = NCCL_CHANNELS * 2 * 2 * buffsize
-    if ds.zero_stage in (1, 2):  # the gradient reduce buckets (two with overlap_comm), the parameter all-gather
+    if ds.zero_stage in (1, 2) and not ds.bf16_optimizer(batch.accumulation):  # (BF16_Optimizer's all-reduce
+        # copy is in the estimate's gradients) the gradient reduce buckets (two with overlap_comm), the all-gather
         reserve["deepspeed_buckets"] = (ds.bucket("reduce_bucket_size") * value_bytes
                                         * (2 if ds.zero.get("overlap_comm") else 1)
                                         + ds.bucket("allgather_bucket_size") * value_bytes)
@@ -53,12 +54,18 @@ def describe_reserve(reserve: dict) -> str:
     return ", ".join(f"{name.replace('_', ' ')} {value / GB:.2f}" for name, value in reserve.items())
 
 
+def usable(capacity: int, reserve: dict) -> float:
+    """Bytes of a GPU of `capacity` the model's state and activations may take beside `reserve`."""
+    return (capacity - sum(reserve.values())) * USABLE_SHARE
+
+
 def estimate(cfg, recipe, ds, batch, views: int, recompute: bool):
     masking = getattr(recipe, "masking", None)  # (pretraining's)
     return training_memory(cfg, batch.micro_batch, views, world_size=batch.world_size, zero_stage=ds.zero_stage,
                            bf16=ds.bf16, accumulation=batch.accumulation,
                            mask_ratio=masking.mask_ratio if masking else 0.0,
-                           mask_repeats=masking.mask_repeats if masking else 1, recompute=recompute)
+                           mask_repeats=masking.mask_repeats if masking else 1, recompute=recompute,
+                           bf16_optimizer=ds.bf16_optimizer(batch.accumulation))
 
 
 def device_capacity(device: torch.device) -> int | None:
@@ -76,7 +83,7 @@ def plan_recompute(cfg, recipe, ds, batch, views: int, capacity: int | None, fra
     if capacity is None:
         return replace(cfg, grad_checkpointing=False), f"estimate {dense.describe()} per process (host memory)"
     reserve = runtime_reserve(recipe, ds, batch, views, frame_pixels)
-    budget = (capacity - sum(reserve.values())) * USABLE_SHARE
+    budget = usable(capacity, reserve)
     where = (f"{capacity / GB:.0f} GB GPU, {budget / GB:.0f} GB usable (besides {sum(reserve.values()) / GB:.1f} GB: "
              f"{describe_reserve(reserve)})")
     if dense.total <= budget:

@@ -32,6 +32,11 @@ EVERY_GENERATION = {
 }
 AV1 = {"av1": {"yuv420p", "yuv420p10le"}}
 DALI_SURFACES = _420 | _HIGH_DEPTH_420  # what DALI's NV12 decoders take: 4:2:0 (module docstring)
+# The smallest frame (width, height) NVDEC decodes per codec: NVDEC Video Decoder API Programming Guide (Video Codec
+# SDK), "Video Decoder Capabilities" table. DALI asks the driver (cuvidGetDecoderCaps nMinWidth / nMinHeight) and
+# refuses a smaller clip: "Video is too small in at least one dimension".
+MIN_FRAME = {"h264": (48, 16), "hevc": (144, 144), "vp9": (128, 128), "av1": (128, 128), "vp8": (48, 16),
+             "mpeg4": (48, 16)}
 BLACKWELL_ADDS = {"h264": {"yuv420p10le", "yuv422p", "yuvj422p", "yuv422p10le"},
                   "hevc": {"yuv422p", "yuv422p10le", "yuv422p12le"}}
 

@@ -9,19 +9,34 @@ frames decoded per clip (the clip's span plus, on average, half a keyframe inter
 from dali_pipes.sampling import clip_span
 from models import pretrain_macs
 from models.config import MAEConfig, resolve_config
-from trainer.device_peak import datasheet_peak
+from trainer.device_peak import GPU_PEAK_BF16, datasheet_peak
 
 NVDEC_NOTE = "https://docs.nvidia.com/video-technologies/video-codec-sdk/13.0/nvdec-application-note/index.html"
 # frames/s per NVDEC engine, 1920x1080 4:2:0, Turing at 1860 MHz; Hopper and GA100 decode like Turing scaled by clock
 NVDEC_TURING_1080P = {"h264": 771, "hevc": 1316, "vp9": 932}
 TURING_CLOCK_MHZ = 1860
-ACCELERATORS = {  # (the dense bf16 peaks: trainer/device_peak.py's datasheet table)
-    "H100": dict(peak=datasheet_peak("NVIDIA H100 80GB HBM3")[0], engines=7, clock_mhz=1290,
-                 clock_note="H100's video clock was not found; A100's 1290 MHz (a reported nvidia-smi maximum) "
-                            "is assumed"),
-    "A100": dict(peak=datasheet_peak("NVIDIA A100-SXM4-80GB")[0], engines=5, clock_mhz=1290,
-                 clock_note="1290 MHz, a reported nvidia-smi maximum video clock (NVIDIA/nvidia-docker#1648)"),
-}
+# per GPU family: NVDEC engines (NVIDIA's MIG user guide, full-GPU profile) and the video clock assumed
+_HOPPER_CLOCK = "Hopper's video clock was not found; A100's 1290 MHz (a reported nvidia-smi maximum) is assumed"
+_NVDEC = {"H100": (7, _HOPPER_CLOCK), "H200": (7, _HOPPER_CLOCK), "GH200": (7, _HOPPER_CLOCK),
+          "H800": (7, _HOPPER_CLOCK), "A100": (5, "1290 MHz, a reported nvidia-smi maximum video clock "
+                                                  "(NVIDIA/nvidia-docker#1648)"), "A800": (5, "as A100's")}
+# each SKU of those families, with its own dense bf16 peak (trainer/device_peak.py's datasheet table): an H100 NVL
+# or PCIe is not projected as an SXM part, an H200 not as an H100
+ACCELERATORS = {sku: dict(peak=peak, engines=_NVDEC[sku.split()[0]][0], clock_mhz=1290,
+                          clock_note=_NVDEC[sku.split()[0]][1])
+                for _, peak, sku in GPU_PEAK_BF16 if sku.split()[0] in _NVDEC}
+
+
+def accelerator_for(device) -> str | None:
+    """The ACCELERATORS entry of a device ("NVIDIA H100 NVL" -> "H100 NVL"), or None (a CPU, a GPU not in the table):
+    no projection."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    known = datasheet_peak(torch.cuda.get_device_name(device))
+    return known[1] if known and known[1] in ACCELERATORS else None
 
 
 def frames_decoded(num_frames: int, stride: int, gop: int) -> float:

@@ -10,8 +10,9 @@ import torch
 from dali_pipes.dali_errors import NVDEC_HELP, NvdecUnavailable, VideoDecodeError, first_meaningful_line
 from dali_pipes.decoders import DecoderRoute, describe_formats
 from dali_pipes.decoders.base import split_format
-from dali_pipes.shard_format import RECOMMENDED_SHORT_SIDE, read_manifest
-from tools.bench.gpu_projection import ACCELERATORS, nvdec_clips_per_s
+from dali_pipes.decoders.nvdec import MIN_FRAME
+from dali_pipes.shard_format import KINETICS_FRAME, RECOMMENDED_SHORT_SIDE, read_manifest
+from tools.bench.gpu_projection import ACCELERATORS, accelerator_for, nvdec_clips_per_s
 from tools.checks.report import FAIL, NO_GPU, PASS, SKIP, WARN, Check
 
 WANTED = (0, 9, 23)  # the frames every probe decodes
@@ -22,8 +23,8 @@ PROBE_ENCODERS = {"h264": ("libx264", "mp4", "yuv420p"), "hevc": ("libx265", "mp
                   "mjpeg": ("mjpeg", "avi", "yuvj420p")}
 
 
-def indexed_clip(codec: str, pix_fmt: str, frames: int = 24, width: int = 128, height: int = 96) -> bytes:
-    """A small clip made in memory whose frames show their own index as 8 black/white blocks in the top rows."""
+def indexed_clip(codec: str, pix_fmt: str, width: int, height: int, frames: int = 24) -> bytes:
+    """A clip made in memory whose frames show their own index as 8 black/white blocks in the top rows."""
     import av
 
     encoder, container, _ = PROBE_ENCODERS[codec]
@@ -44,15 +45,31 @@ def indexed_clip(codec: str, pix_fmt: str, frames: int = 24, width: int = 128, h
     return buffer.getvalue()
 
 
-def probe_clip(codec: str, pix_fmt: str) -> tuple[bytes, str]:
-    """(a probe clip of `codec`, its pixel format): the shards' own pixel format when PyAV encodes it."""
+def probe_size(codec: str, frame: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) of a probe clip: the shards' median frame (even sides), at least what NVDEC decodes of the
+    codec (a 128x96 probe of HEVC or VP9 failed as 'too small' on a healthy GPU)."""
+    width, height = frame or (KINETICS_FRAME[1], KINETICS_FRAME[0])
+    low_w, low_h = MIN_FRAME.get(codec, (0, 0))
+    return max(low_w, width + width % 2, 128), max(low_h, height + height % 2, 48)
+
+
+def shards_frame(info: dict) -> tuple[int, int] | None:
+    """(width, height) of a split's median clip from its manifest entry (landscape), or None when not recorded."""
+    side, pixels = (info.get("short_side") or {}).get("median"), info.get("pixels_median")
+    return (round(pixels / side), side) if side and pixels else None
+
+
+def probe_clip(codec: str, pix_fmt: str, frame: tuple[int, int] | None = None) -> tuple[bytes, str]:
+    """(a probe clip of `codec` at probe_size, its pixel format): the shards' own pixel format when PyAV encodes
+    it."""
     import av
 
+    size = probe_size(codec, frame)
     try:
-        return indexed_clip(codec, pix_fmt), pix_fmt
+        return indexed_clip(codec, pix_fmt, *size), pix_fmt
     except (av.error.FFmpegError, ValueError):
         fallback = PROBE_ENCODERS[codec][2]
-        return indexed_clip(codec, fallback), fallback
+        return indexed_clip(codec, fallback, *size), fallback
 
 
 def read_indices(frames: np.ndarray) -> list[int]:
@@ -86,9 +103,11 @@ def decoder_assignments(route: DecoderRoute, formats: dict) -> dict:
     return found
 
 
-def check_decoders(route: DecoderRoute, formats: dict, device: torch.device) -> list[Check]:
+def check_decoders(route: DecoderRoute, formats: dict, device: torch.device,
+                   frame: tuple[int, int] | None = None) -> list[Check]:
     """The "NVDEC" check (the codecs NVDEC decodes here) and the "host decoder" one (the codecs a decoder on the
-    CPU takes: DALI's CPU decoder, PyAV): one probe clip of each codec through its decoder, frames checked."""
+    CPU takes: DALI's CPU decoder, PyAV): one probe clip of each codec through its decoder at the shards' median
+    `frame` (width, height), frames checked."""
     assigned = decoder_assignments(route, formats)
     on_gpu = {codec: item for codec, item in assigned.items() if item[0].needs_gpu}
     on_cpu = {codec: item for codec, item in assigned.items() if not item[0].needs_gpu}
@@ -97,20 +116,20 @@ def check_decoders(route: DecoderRoute, formats: dict, device: torch.device) -> 
     elif not on_gpu:
         nvdec = Check("NVDEC", SKIP, f"the loader decodes nothing with NVDEC here (decoder: {route.name})")
     else:
-        nvdec = _probe_check("NVDEC", on_gpu, device)
-    host = _probe_check("host decoder", on_cpu, device) if on_cpu else Check(
+        nvdec = _probe_check("NVDEC", on_gpu, device, frame)
+    host = _probe_check("host decoder", on_cpu, device, frame) if on_cpu else Check(
         "host decoder", SKIP, "every clip decodes on the GPU here (NVDEC)")
     return [nvdec, host]
 
 
-def _probe_check(name: str, assigned: dict, device: torch.device) -> Check:
+def _probe_check(name: str, assigned: dict, device: torch.device, frame: tuple[int, int] | None) -> Check:
     passed, problems, fixes = [], [], []
     for codec, (decoder, pix_fmt) in assigned.items():
         if codec not in PROBE_ENCODERS:
             problems.append(f"no probe clip of {codec} can be made here (no encoder): not checked")
             continue
-        data, made = probe_clip(codec, pix_fmt)
-        label = f"{codec}/{made} ({decoder.name})"
+        data, made = probe_clip(codec, pix_fmt, frame)
+        label = f"{codec}/{made} {'x'.join(map(str, probe_size(codec, frame)))} ({decoder.name})"
         try:
             got = decode_probe(decoder, data, device)
         except NvdecUnavailable as err:
@@ -161,12 +180,13 @@ def check_shards(data: str, split: str, route: DecoderRoute, device: torch.devic
         status = WARN
     if side.get("median", 0) > RECOMMENDED_SHORT_SIDE:
         pixels = info.get("pixels_median", side["median"] ** 2 * 16 // 9)
-        decodable = nvdec_clips_per_s(ACCELERATORS["H100"], "h264", pixels)
+        gpu = accelerator_for(device) or "H100 SXM"
+        decodable = nvdec_clips_per_s(ACCELERATORS[gpu], "h264", pixels)
         need = f"; the model needs ~{views_per_s_needed / repeats:.0f} at R={repeats}" if views_per_s_needed else ""
         above = side.get(f"above_{RECOMMENDED_SHORT_SIDE}", "?")
         problems.append(f"median short side {side['median']} px ({above} "
                         f"clips above {RECOMMENDED_SHORT_SIDE}): projected NVDEC H.264 decode ~{decodable:.0f} clips/s "
-                        f"per engine on an H100 at that size{need}")
+                        f"per engine on an {gpu} at that size{need}")
         fixes.append("re-encode to --codec h264 --short-side 256 (decode cost grows with pixels)")
         status = WARN
         figures["projected_nvdec_clips_per_s_per_engine"] = round(decodable)

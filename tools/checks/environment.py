@@ -66,6 +66,15 @@ def check_shared_folder(run_dir: str, rank: int, world_size: int) -> Check:
 # --- the network -----------------------------------------------------------------------------------------------------
 
 
+def nccl_errors_raise() -> None:
+    """NCCL's failures and timeouts as exceptions in the rank that waits, not a process torn down by torch's
+    watchdog (its default, TORCH_NCCL_ASYNC_ERROR_HANDLING=3): the rank reports a FAIL and every rank still meets the
+    others in the gloo gather, so the report names the rank even when rank 0 is the one that failed. Blocking waits
+    take precedence over the watchdog (pytorch/pytorch#47926), which then only aborts the communicator (2). Must
+    run before the process group starts; the preflight only (the trainer's steps never wait on the host)."""
+    os.environ.update(TORCH_NCCL_BLOCKING_WAIT="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="2")
+
+
 def log_nccl_to(folder: str) -> str | None:
     """Have NCCL write its INFO log (transports, networks) into `folder`, one file per process, unless the user set
     NCCL_DEBUG; must run before NCCL starts. Returns the file name pattern, or None."""
@@ -116,7 +125,8 @@ def _bus_bandwidth(tensor: torch.Tensor, group, size: int, rounds: int = 5) -> f
 
 def check_network(device: torch.device, ranks: Ranks, nccl_log: str | None, megabytes: int | None = None) -> Check:
     """All-reduce bus bandwidth among the ranks of each node, and among one rank per node, each against what its kind
-    of link gives, and the transports NCCL chose. Every rank takes every collective, whatever fails on its side."""
+    of link gives, and the transports NCCL chose. Every rank takes every collective, whatever fails on its side, and
+    each waits at most the preflight's timeout."""
     if ranks.world_size == 1:
         return Check("all-reduce", SKIP, "one process: nothing to reduce")
     hosts = ranks.gather(socket.gethostname())
@@ -124,9 +134,9 @@ def check_network(device: torch.device, ranks: Ranks, nccl_log: str | None, mega
         return Check("all-reduce", FAIL, "some rank did not answer", "see that rank's output")
     nodes = [[r for r, h in enumerate(hosts) if h == host] for host in dict.fromkeys(hosts)]
     node = next(members for members in nodes if ranks.rank in members)
-    node_groups = [dist.new_group(members) for members in nodes]  # every rank creates every group, in order
+    node_groups = [dist.new_group(members, timeout=ranks.timeout) for members in nodes]  # every rank: every group
     leaders = [members[0] for members in nodes]
-    across_group = dist.new_group(leaders) if len(nodes) > 1 else None
+    across_group = dist.new_group(leaders, timeout=ranks.timeout) if len(nodes) > 1 else None
     megabytes = megabytes or (256 if device.type == "cuda" else 16)
     try:
         tensor = torch.ones(megabytes * 2**20 // 4, device=device)

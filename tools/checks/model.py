@@ -27,21 +27,43 @@ def bare_model(cfg):
 
 def check_memory(cfg, recipe, ds, batch, device: torch.device, views: int, frame_pixels: int | None = None) -> Check:
     """The plan from the analytic estimate and the runtime reserve; on a GPU also one real forward + backward of a
-    micro-batch."""
+    micro-batch, whose peak plus ZeRO's optimizer state must fit beside what the GPU holds besides the model (the
+    CUDA context, NCCL, DeepSpeed's buckets, DALI's decoding pipelines, the loader's batches)."""
     from models.memory import GB
-    from trainer.memory_plan import device_capacity, estimate, plan_recompute
+    from trainer.memory_plan import describe_reserve, device_capacity, estimate, plan_recompute, runtime_reserve, \
+        usable
 
     cfg, note = plan_recompute(cfg, recipe, ds, batch, views, device_capacity(device), frame_pixels)
     planned = estimate(cfg, recipe, ds, batch, views, cfg.grad_checkpointing)
     figures = {"estimate_gb": round(planned.total / GB, 2), "recompute": cfg.grad_checkpointing, "plan": note}
     if device.type != "cuda":
         return Check("memory", PASS, f"{note}; measured: {NO_GPU}", figures=figures)
+    peak = measure_micro_batch(cfg, recipe, ds, batch, device, views)
+    capacity = device_capacity(device)
+    reserve = runtime_reserve(recipe, ds, batch, views, frame_pixels)
+    # the measurement holds the whole model's weights and gradients (no ZeRO here) but no optimizer state
+    expected = planned.activations + 2 * planned.weights * (batch.world_size if ds.zero_stage >= 3 else 1)
+    needed, budget = peak + planned.optimizer, usable(capacity, reserve)
+    figures.update(measured_forward_backward_gb=round(peak / GB, 2), capacity_gb=round(capacity / GB, 1),
+                   measured_plus_optimizer_gb=round(needed / GB, 2), reserve_gb=round(sum(reserve.values()) / GB, 2),
+                   usable_gb=round(budget / GB, 2))
+    summary = (f"{note}; measured one micro-batch ({batch.micro_batch} clips x {views} views) forward + backward: "
+               f"peak {peak / GB:.1f} GB (estimate {expected / GB:.1f}); with ZeRO's optimizer state "
+               f"~{needed / GB:.1f} GB of the {budget / GB:.1f} usable beside the runtime's "
+               f"{sum(reserve.values()) / GB:.1f} ({describe_reserve(reserve)}) on this {capacity / GB:.0f} GB GPU")
+    if needed > budget:
+        return Check("memory", FAIL, summary, "lower train_micro_batch_size_per_gpu (the accumulation follows), "
+                     "set model.grad_checkpointing=True, or use ds_configs/zero3_bf16.json", figures)
+    return Check("memory", PASS, summary, figures=figures)
+
+
+def measure_micro_batch(cfg, recipe, ds, batch, device: torch.device, views: int) -> int:
+    """Peak bytes torch allocates for one forward + backward of a micro-batch of the bare model on the GPU."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model = bare_model(cfg).to(device, ds.dtype)
-    clips = batch.micro_batch
-    videos = torch.randn(clips * views, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device,
-                         dtype=ds.dtype)
+    videos = torch.randn(batch.micro_batch * views, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                         device=device, dtype=ds.dtype)
     if hasattr(recipe, "masking"):
         loss = model(videos, mask_ratio=recipe.masking.mask_ratio, mask_repeats=recipe.masking.mask_repeats)[0]
     else:
@@ -49,18 +71,6 @@ def check_memory(cfg, recipe, ds, batch, device: torch.device, views: int, frame
     loss.backward()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    capacity = device_capacity(device)
-    # the measurement holds the whole model's weights and gradients (no ZeRO here) but no optimizer state
-    expected = planned.activations + 2 * planned.weights * (batch.world_size if ds.zero_stage >= 3 else 1)
-    with_optimizer = peak + planned.optimizer
-    figures.update(measured_forward_backward_gb=round(peak / GB, 2), capacity_gb=round(capacity / GB, 1),
-                   measured_plus_optimizer_gb=round(with_optimizer / GB, 2))
     del model, videos, loss
     torch.cuda.empty_cache()
-    summary = (f"{note}; measured one micro-batch ({clips} clips x {views} views) forward + backward: peak "
-               f"{peak / GB:.1f} GB (estimate {expected / GB:.1f}); with ZeRO's optimizer state "
-               f"~{with_optimizer / GB:.1f} of {capacity / GB:.0f} GB")
-    if with_optimizer > 0.95 * capacity:
-        return Check("memory", FAIL, summary, "lower train_micro_batch_size_per_gpu (the accumulation follows), "
-                     "set model.grad_checkpointing=True, or use ds_configs/zero3_bf16.json", figures)
-    return Check("memory", PASS, summary, figures=figures)
+    return peak

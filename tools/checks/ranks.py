@@ -12,8 +12,10 @@ import torch.distributed as dist
 
 class Ranks:
     def __init__(self, rank: int, world_size: int, timeout: float):
-        self.rank, self.world_size = rank, world_size
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if world_size > 1 else None
+        """timeout: seconds a check's collective may wait (the checks' own groups get it). This bookkeeping waits
+        twice as long: a rank that failed at once waits here for those that waited out a check's collective."""
+        self.rank, self.world_size, self.timeout = rank, world_size, timedelta(seconds=timeout)
+        self.group = dist.new_group(backend="gloo", timeout=2 * self.timeout) if world_size > 1 else None
 
     def gather(self, value) -> list | None:
         """Every rank's `value`, or None if some rank did not answer in time."""

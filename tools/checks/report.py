@@ -1,11 +1,14 @@
 """What a preflight check returns, how a failing one still reports, and how the ranks' reports become one."""
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 NO_GPU = "skipped (no GPU)"
 ORDER = {FAIL: 3, WARN: 2, PASS: 1, SKIP: 0}
+# how gloo, NCCL (blocking waits, the watchdog) and torch's store say a collective waited too long
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
 @dataclass
@@ -28,18 +31,32 @@ def guarded(name: str, function, *args, **kwargs) -> Check:
                      "see the message; rerun this check alone with the trainer to get the whole traceback")
 
 
+def _waited(check: Check) -> bool:
+    """A failure that only says its collective timed out: the rank waited for another that failed."""
+    return check.status == FAIL and bool(_TIMED_OUT.search(check.summary))
+
+
+def _listed(ranks: list[int]) -> str:
+    return f"ranks {ranks[:16]}{' ...' if len(ranks) > 16 else ''}"
+
+
 def merge(per_rank: list) -> list[Check]:
     """One Check per name over all ranks (a rank's list of dicts, or None for a rank that did not answer): the worst
-    status; rank 0's text unless another rank is worse, then prefixed with the ranks that are."""
+    status; rank 0's text unless another rank is worse, then prefixed with the ranks that are. Among failures, one
+    that is the rank's own comes before one that only timed out waiting for it, and the waiting ranks are named
+    apart."""
     answered = [r for r, checks in enumerate(per_rank) if checks is not None]
     merged = []
     for i, first in enumerate(per_rank[answered[0]]):
         checks = {r: Check(**per_rank[r][i]) for r in answered if i < len(per_rank[r])}
-        worst = max(checks, key=lambda r: (ORDER[checks[r].status], -r))
+        worst = max(checks, key=lambda r: (ORDER[checks[r].status], not _waited(checks[r]), -r))
         chosen = checks[worst]
-        if len(per_rank) > 1 and worst != 0:
-            ranks = [r for r, c in checks.items() if c.status == chosen.status]
-            chosen.summary = f"ranks {ranks[:16]}{' ...' if len(ranks) > 16 else ''}: {chosen.summary}"
+        same = [r for r, c in checks.items() if c.status == chosen.status]
+        waiting = [r for r in same if _waited(checks[r])] if not _waited(chosen) else []
+        if len(per_rank) > 1 and (worst != 0 or waiting):
+            culprits = [r for r in same if r not in waiting]
+            chosen.summary = f"{_listed(culprits)}: {chosen.summary}" + (
+                f"; {_listed(waiting)} waited for them until the timeout" if waiting else "")
         merged.append(chosen)
     silent = [r for r, checks in enumerate(per_rank) if checks is None]
     if silent:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tools.bench.gpu_projection import ACCELERATORS, projection
+from tools.bench.gpu_projection import accelerator_for, projection
 from tools.checks.report import FAIL, NO_GPU, PASS, SKIP, WARN, Check
 
 
@@ -87,9 +87,8 @@ def check_timed_run(task, args: Namespace, model_cfg, env, steps: int, batch, dt
                f"{'GPU' if env.device.type == 'cuda' else 'process'} ({figures['views_per_s_per_gpu']:.1f} views/s), "
                f"MFU {100 * figures['mfu']:.1f}%, waiting for data {100 * figures['data_wait_share']:.0f}% of the "
                f"time; the loader alone ({run.loader.route.name}) {alone:.1f} clips/s")
-    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""
-    accelerator = next((name for name in ACCELERATORS if name in gpu), None) or "H100"
-    if recipe.model.name in ("vit_b", "vit_l", "vit_h"):
+    accelerator = accelerator_for(env.device)
+    if accelerator and recipe.model.name in ("vit_b", "vit_l", "vit_h"):  # (a GPU of the table: its own SKU)
         p = projection(accelerator, 0.4, repeats=recipe.views.repeats, crop_size=recipe.views.crop_size)
         row = next(r for r in p["rows"] if r["model"] == recipe.model.name)
         figures["projected"] = {"accelerator": accelerator, "views_per_s": row["views_per_s"], "assumed_mfu": 0.4}

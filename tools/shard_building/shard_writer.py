@@ -15,7 +15,7 @@ import re
 import webdataset as wds
 from wds2idx import IndexCreator  # DALI's own index builder (installed with nvidia-dali)
 
-from dali_pipes.shard_format import index_name, shard_name
+from dali_pipes.shard_format import file_sha256, index_name, shard_name
 from trainer.atomic_files import atomic_write_text
 
 STATE_DIR = ".state"
@@ -105,9 +105,12 @@ class ShardWriter:
         index_tmp = self._state_path(".idx.tmp")
         with IndexCreator(partial, index_tmp, verbose=False) as creator:
             creator.create_index()
-        os.replace(index_tmp, os.path.join(self.out_dir, index_name(name)))
-        sidecar = {"tar": name, "index": index_name(name), "samples": self._samples,
-                   "bytes": os.path.getsize(partial)}
+        index = os.path.join(self.out_dir, index_name(name))
+        os.replace(index_tmp, index)
+        # sizes and checksums: what a copy of the set (a node cache, a shard window) is checked against
+        sidecar = {"tar": name, "index": index_name(name), "samples": self._samples, "bytes": os.path.getsize(partial),
+                   "sha256": file_sha256(partial), "index_bytes": os.path.getsize(index),
+                   "index_sha256": file_sha256(index)}
         atomic_write_text(self._state_path(".json"), json.dumps(sidecar))
         os.replace(partial, final)  # the commit
         self.committed.append(sidecar)
