@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import socket
 
+import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
 import av
 import numpy as np
 import pytest

@@ -98,3 +98,53 @@ def test_projection_arithmetic():
     assert p["decode_clips_per_s_one_engine"] == pytest.approx(per_engine, abs=1)
     assert p["decode_clips_per_s_all_engines"] == pytest.approx(7 * per_engine, abs=1)
     assert projection("A100", mfu=0.5)["rows"][0]["views_per_s"] < p["rows"][0]["views_per_s"]
+
+
+def test_two_trainers_at_once_are_measured_against_each_alone(shards, tmp_path):
+    """The share mode: two real trainers, phases in rotated rounds, each one's rate at once over its rate alone."""
+    out = tmp_path / "share.json"
+    tiny = "crop_size=32 model.img_size=32 num_frames=4 model.num_frames=4 model.pred_t_dim=2 model.depth=1"
+    assert benchmark.main(["share", "--shards", shards, "--rounds", "2", "--share-steps", "3", "--batch-size", "2",
+                           "--e2e-overrides", tiny, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {m["name"]: m for m in report["measurements"]}
+    assert set(rows) == {f"share trainer {t} {phase}" for t in "AB" for phase in ("alone", "both")}
+    for name in "AB":
+        per_round = sorted(b / a for a, b in zip(rows[f"share trainer {name} alone"]["rounds"],
+                                                 rows[f"share trainer {name} both"]["rounds"]))
+        ratio = report["ratios"][f"share_{name}_at_once_vs_alone"]
+        assert ratio["rounds"] == 2 and ratio["min"] == pytest.approx(per_round[0], rel=1e-3) and ratio["min"] > 0
+
+
+OPENMP_AT_TORCHS_IMPORT = """
+import builtins, os, runpy, sys
+real_import = builtins.__import__
+
+def watch(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and "torch" not in sys.modules:
+        print("at torch's import:", os.environ.get("GOMP_SPINCOUNT"), os.environ.get("KMP_BLOCKTIME"), flush=True)
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = watch
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry", ["trainer/pretrain.py", "trainer/finetune.py", "tools/benchmark.py"])
+def test_entry_points_set_how_openmp_threads_wait_before_torch_loads(entry):
+    """GNU OpenMP's idle threads spun some 300,000 times before sleeping: two demo pretrainings on 2 cores ran at
+    0.13 of their speed alone, each (tools/benchmark.py share). The spin count is set before torch loads OpenMP,
+    which reads it once."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import process_env
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in process_env().items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    result = subprocess.run([sys.executable, "-c", OPENMP_AT_TORCHS_IMPORT, os.path.join(root, entry)],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "at torch's import: 1000 1" in result.stdout, result.stdout[:2000]

@@ -19,6 +19,7 @@ Modes:
                   (decoder_keep 0.5 and 0.25 vs 1: step time, peak memory; the analytic FLOPs of ViT-B/L/H); and
                   where the step's time goes (encoder, decoder, loss, ...)
     e2e           the real trainer: clips/s and the share of time waiting for data
+    share         two real trainers on the same cores: each one's clips/s at once against its own alone
     all           the loader at R = 1 and 4, bare decoding and the baselines (the headline ratios), the stages, the
                   model step (SDPA, M=1) and its parts, and e2e; then the verdict
 
@@ -41,21 +42,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import trainer.openmp  # noqa: E402,F401  (before torch: OpenMP reads how its threads wait when it loads)
 from dali_pipes.mixture import parse_data  # noqa: E402
 from tools.bench.contender import Contender  # noqa: E402
 from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection  # noqa: E402
+from tools.bench.sharing import e2e_trainer, share  # noqa: E402
 
 PRESETS = {
     # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 5 minutes
     "small": dict(batch_size=4, num_frames=16, sampling="stride", stride=4, crop_size=112, batches=12, warmup=4,
                   rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="demo_PT", e2e_steps=10,
-                  e2e_ds_config="ds_configs/cpu.json", e2e_overrides=""),
+                  e2e_ds_config="ds_configs/cpu.json", e2e_overrides="", share_steps=60),
     # full: a GPU node and Kinetics shards
     "full": dict(batch_size=8, num_frames=16, sampling="stride", stride=4, crop_size=224, batches=20, warmup=4,
                  rounds=5, model="vit_l", model_batch=8, model_steps=5, e2e_recipe="k400_VIT_L_16x4_MAE_PT",
                  e2e_steps=50, e2e_ds_config="ds_configs/zero2_bf16.json",
                  # one GPU: an optimizer step of one micro-batch (the paper's 512 clips would accumulate 64 of them)
-                 e2e_overrides="batch_size=8"),
+                 e2e_overrides="batch_size=8", share_steps=50),
 }
 
 
@@ -116,7 +119,7 @@ def group_e2e(cfg: dict, _=None) -> list[Contender]:
 
 MODES = {mode: [(group_data, {mode})] for mode in ("decode-limit", "loader", "baselines", "stages")}  # groups, in turn
 MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer", "decoder_keep"})],
-              "e2e": [(group_e2e, None)],
+              "e2e": [(group_e2e, None)], "share": [],  # (two trainers at once: tools/bench/sharing.py)
               "all": [(group_data, {"ratios"}), (group_data, {"stages"}), (group_model, set()), (group_e2e, None)]})
 
 
@@ -373,11 +376,15 @@ def main(argv=None) -> int:
           f"{cfg['crop_size']}; {cfg['rounds']} rounds of {cfg['batches']} batches after "
           f"{cfg['warmup']} warm-up, the measurements of a group in turn; {cfg['workers']} workers", flush=True)
     before, start = load(), time.perf_counter()
-    rows = []
+    rows, found = [], {}
     for make_group, parts in MODES[args.mode]:
         rows += take_turns(lambda: make_group(cfg, parts), cfg["rounds"])
+    if args.mode == "share":
+        trainer = e2e_trainer(cfg, cfg["e2e_recipe"], os.path.join(ROOT, cfg["e2e_ds_config"]),
+                              cfg["e2e_overrides"].split())
+        rows, found = share(cfg, trainer, cfg["rounds"])
     after = load()
-    found, costs = ratios(rows, cfg), stage_costs(rows)
+    found, costs = {**found, **ratios(rows, cfg)}, stage_costs(rows)
     print_report(rows, found, costs)
     warning = busy_warning(before, after, info["cores"])
     print(f"machine load before {before}, after {after}; {time.perf_counter() - start:.0f} s")

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script (python tools/preflight.py, or by the deepspeed launcher)
     sys.path.insert(0, ROOT)
 
+import trainer.openmp  # noqa: E402,F401  (before torch: OpenMP reads how its threads wait when it loads)
 from tools.checks.report import FAIL, SKIP, Check, guarded, merge, write_report  # noqa: E402
 
 RANK_REPORTS = ".preflight"  # each rank's checks, in --output: read when some rank does not answer the gather

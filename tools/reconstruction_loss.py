@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import trainer.openmp  # noqa: E402,F401  (before torch: OpenMP reads how its threads wait when it loads)
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

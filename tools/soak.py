@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import trainer.openmp  # noqa: E402,F401  (before torch: OpenMP reads how its threads wait when it loads)
+
 RSS_GROWTH_LIMIT = 0.05
 
 

@@ -12,6 +12,7 @@ The final test prints a line starting with `top1:` and writes RUN_DIR/eval.json 
 import logging
 import sys
 
+import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
 import torch.nn.functional as F
 
 from models import VideoClassifier, classifier_macs, load_pretrained

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 
+import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
 from models import MaskedAutoencoder, checkpoint_layout, load_pretrained, pretrain_macs
 from models.config import MAEConfig, resolve_config
 from trainer.checkpointing import read_weights

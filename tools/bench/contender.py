@@ -84,16 +84,26 @@ class Contender:
         self.error = answer.get("error")
         self.settle()
 
-    def round(self) -> None:
+    def round(self) -> dict | None:
+        self.start_round()
+        return self.finish_round()
+
+    def start_round(self) -> None:
+        """Start a round without waiting for it (contenders that run at once: tools/bench/sharing.py)."""
+        if not self.error:
+            self._connection.send("round")
+
+    def finish_round(self) -> dict | None:
+        """Wait for the round start_round began; its result (None after an error)."""
         if self.error:
-            return
-        self._connection.send("round")
+            return None
         result = self._connection.recv()
         if "error" in result:
             self.error = result["error"]
-        else:
-            self.results.append(result)
+            return None
+        self.results.append(result)
         self.settle()
+        return result
 
     def settle(self, idle_share: float = 0.05, window: float = 0.1, limit: float = 3.0) -> None:
         """Wait until the process tree uses less than `idle_share` of a core over `window` seconds."""
