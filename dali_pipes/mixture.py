@@ -20,6 +20,7 @@ set keeps its own reader (and its exact resume) and the mixture is only the choi
 import ast
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -61,6 +62,12 @@ def parse_data(text: str, weights: dict | None = None) -> tuple[ShardSource, ...
                             "name the sets, NAME=LOCATION,...")
         if not parts[0]:
             problems.append("--data is empty")
+        scheme = _SCHEME.match(parts[0])
+        head = scheme.group(0) if scheme else ""
+        weighted = re.fullmatch(r"(.+):([^:]+)", parts[0][len(head):])
+        if weighted and checks.number(above=0)(_literal(weighted[2])) and not os.path.exists(parts[0]):
+            problems.append(f"{parts[0]!r}: a weight belongs to a named set of a mixture, NAME=LOCATION:WEIGHT "
+                            f"(e.g. data={parts[0]},other=...:0.5); one set takes no weight: --data {head}{weighted[1]}")
         checks.refuse("--data", problems)
         return (ShardSource(SINGLE, parts[0], 1.0),)
     parsed = [_parse_set(part, problems) for part in parts]

@@ -67,6 +67,17 @@ def sample_format(meta: bytes) -> str | None:
     return None if not codec else f"{codec}/{pix_fmt}" if pix_fmt else codec
 
 
+def split_fingerprint(manifest: dict, split: str) -> str | None:
+    """What identifies a split's contents wherever its files are: its shards' names, clip counts, sizes and checksums,
+    and the set's label map (None: no such split)."""
+    info = manifest["splits"].get(split)
+    if info is None:
+        return None
+    shards = [[s["tar"], s.get("samples"), s.get("bytes"), s.get("sha256")] for s in info["shards"]]
+    text = json.dumps([shards, sorted(manifest.get("label_map", {}).items())])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def read_manifest(location: str) -> dict:
     """The manifest of the set at `location`: a folder, or a store's URL (shard_store.py)."""
     manifest = open_store(location).read_json(MANIFEST)

@@ -68,9 +68,13 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
     info = manifest["splits"][split]
     if not info["shards"]:
         raise ValueError(f"{location}: the {split!r} split has no shards")
-    store.fetch({name: expected for s in info["shards"] for name, expected in (
-        (s["tar"], Expected(s.get("bytes"), s.get("sha256"))), (s["index"], Expected(s.get("index_bytes"),
-                                                                                    s.get("index_sha256"))))})
+    def fetch(shards):
+        store.fetch({name: expected for s in shards for name, expected in (
+            (s["tar"], Expected(s.get("bytes"), s.get("sha256"))), (s["index"], Expected(s.get("index_bytes"),
+                                                                                        s.get("index_sha256"))))})
+
+    if not store.lists:  # (an http server lists nothing: its copy in the node cache is what is judged)
+        fetch(info["shards"])
     sizes = store.sizes()
     damage = {i: problem for i, shard in enumerate(info["shards"]) if (problem := shard_damage(sizes, shard))}
     if damage and not skip_damaged:
@@ -80,6 +84,8 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
             + ". Copy them again from where the set was built (or rebuild it with tools/build_shards.py). To train "
               "without them, set skip_damaged_shards=True: their clips are left out.")
     kept = [shard for i, shard in enumerate(info["shards"]) if i not in damage]
+    if store.lists:  # judged on the store's listing, nothing copied: now the shards that are whole
+        fetch(kept)
     samples = info["samples"]
     if damage:
         lost = sum(info["shards"][i].get("samples", 0) for i in damage)

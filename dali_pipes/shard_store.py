@@ -57,6 +57,7 @@ class LocalStore:
     """A folder on this machine (or a shared filesystem)."""
 
     streamed = False  # DALI reads the files here, not over a network
+    lists = True  # sizes() reads the files themselves: a damaged set is judged before anything is fetched
 
     def __init__(self, folder: str):
         self.location = folder
@@ -90,6 +91,8 @@ class S3Store:
     """s3://bucket/prefix, read with boto3 here and by DALI's AWS SDK in the pipelines; the endpoint, region and
     credentials are the standard environment variables, which both read."""
 
+    lists = True  # sizes() lists the objects: a damaged set is judged before anything is copied
+
     def __init__(self, location: str, bucket: str, prefix: str):
         import boto3  # only a remote set needs it
 
@@ -120,6 +123,9 @@ class S3Store:
             log.warning("%s: the node cache is off (MAE_ST_SHARD_CACHE_GB=0): DALI streams the split (%.3f GB) from "
                         "the store every epoch", self.location, split)
         elif self.cache.fill(whole, self.open):
+            if self.cache.wrong_sizes:  # (listed whole a moment ago: the objects are being replaced)
+                raise StoreRefused(f"{self.location}: the store sent {', '.join(sorted(self.cache.wrong_sizes))} at "
+                                   "other sizes than it listed them: is the set being published again?")
             self.cached, self.streamed = set(whole), False
         else:
             log.warning("%s: the split (%.1f GB) does not fit the node cache %s (%.1f GB, MAE_ST_SHARD_CACHE_GB) beside "
@@ -331,6 +337,7 @@ class HttpStore:
     """http(s)://host/path: DALI cannot read it, so each split must fit the node cache and is read from there."""
 
     streamed = False  # DALI reads the node's copy
+    lists = False  # an http server lists nothing: sizes() are the node cache's copies
 
     def __init__(self, location: str):
         self.location = location.rstrip("/")

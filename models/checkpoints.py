@@ -50,7 +50,18 @@ def _torch_load(path: str) -> Mapping:
             except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError by failure kind
                 if mmap and "mmap" in str(err):
                     continue
-                raise ValueError(f"{path} is not a checkpoint torch can read safely: {err}") from err
+                raise ValueError(f"{path} is not a checkpoint this project reads: {_load_failure(err)}") from err
+
+
+def _load_failure(err: Exception) -> str:
+    """What torch.load's failure says of the file, without its advice to load it unsafely (weights_only=False runs
+    whatever code the file holds)."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return ("it holds more than tensors and plain values (torch's safe loader refused it" +
+                (f": {detail[1].strip()}" if detail else "") + "); a model checkpoint holds a state dict of tensors")
+    return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else 'unreadable'}"
 
 
 def read_state_dict(source) -> tuple[dict, str]:
@@ -62,9 +73,10 @@ def read_state_dict(source) -> tuple[dict, str]:
         obj = _torch_load(source)
     else:
         obj = source
+    container = None
     for wrapper in (*dict.fromkeys(CONTAINER_KEYS.values()), "module", "state_dict"):  # and other trainers' keys
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
+            obj, container = obj[wrapper], wrapper
             break
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError("not a model checkpoint: expected a state dict of tensors (bare, or under 'model' or "
@@ -74,13 +86,15 @@ def read_state_dict(source) -> tuple[dict, str]:
         raise ValueError(
             f"not an MAE-ST video ViT checkpoint: it has no patch_embed.proj.weight (first keys: {list(state)[:5]})"
         )
-    return state, detect_format(state)
+    return state, detect_format(state, container)
 
 
-def detect_format(state: Mapping) -> str:
+def detect_format(state: Mapping, container: str | None = None) -> str:
+    """The format of a state dict, from its names, and from its file's container key where the names cannot tell (a
+    SlowFast encoder has neither pred_head nor head.projection: 'model_state' says it)."""
     if any(re.search(r"\.attn\.q\.weight$", k) for k in state):
         return "mae_st"
-    if any(k.startswith(("pred_head.", "head.projection.")) for k in state):
+    if any(k.startswith(("pred_head.", "head.projection.")) for k in state) or container == CONTAINER_KEYS["slowfast"]:
         return "slowfast"
     return "ours"
 

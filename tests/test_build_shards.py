@@ -358,6 +358,31 @@ def test_splits_built_one_at_a_time_share_one_set(tmp_path):
 
 
 
+def test_a_split_rebuilt_from_other_sources_is_refused_or_replaced_never_mixed(tmp_path, capsys):
+    """Rebuilding val from another --root printed "resuming: 16 clips done before, 3 to go" and wrote 19 clips: the
+    old ones stayed beside the new. A rerun resumes only the same build; another one is refused, or with --replace
+    builds the split anew."""
+    def videos(root, names):
+        for name in names:
+            os.makedirs(root / "zumba", exist_ok=True)
+            write_video(root / "zumba" / f"{name}.mp4", 20, seed=len(name))
+        return str(root)
+
+    first, second, out = videos(tmp_path / "a", ["a1", "a2", "a3"]), videos(tmp_path / "b", ["b1", "b2"]), tmp_path / "s"
+    build = ["--out", str(out), "--split", "val", "--workers", "1"]
+    assert build_shards.main(["--root", first, *build]) == 0
+    assert build_shards.main(["--root", first, *build]) == 0  # the same build again: nothing to do
+    assert "val: resuming: 3 clips done before, 0 to go" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"'val' split in .* was built from other sources: 3 of its 3 clips .* pass "
+                                         r"--replace, or build into another --out"):
+        build_shards.main(["--root", second, *build])
+    assert read_manifest(str(out))["splits"]["val"]["samples"] == 3  # refused before touching it
+    assert build_shards.main(["--root", second, *build, "--replace"]) == 0
+    sources = [json.loads(s["json"])["source"] for s in wds.WebDataset(str(out / "val-000000.tar"), shardshuffle=False)]
+    assert sorted(os.path.basename(p) for p in sources) == ["b1.mp4", "b2.mp4"]
+    assert read_manifest(str(out))["splits"]["val"]["samples"] == 2 and not os.path.exists(out / "val-000001.tar")
+
+
 GARBAGE_IN_A_WORKER = """
 import gc
 from nvidia.dali import fn, pipeline_def

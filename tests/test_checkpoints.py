@@ -207,7 +207,7 @@ def test_read_state_dict_unwraps_and_strips_prefixes(tmp_path):
     assert fmt == "mae_st" and sorted(loaded) == ["blocks.0.attn.q.weight", "patch_embed.proj.weight"]
     assert to_ours(loaded, "ours") == loaded
     (tmp_path / "bad.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a checkpoint torch can read"):
+    with pytest.raises(ValueError, match="not a checkpoint this project reads: it holds more than tensors"):
         read_state_dict(str(tmp_path / "bad.pth"))
 
 
@@ -233,6 +233,18 @@ def test_converter_cli(tmp_path, capsys):
     assert main([str(tmp_path / "ours.pth"), str(tmp_path / "x.pyth"), "--to", "slowfast"]) == 2
     assert "--encoder-only" in capsys.readouterr().err
     assert main([str(tmp_path / "ours.pth"), str(tmp_path / "x.pyth"), "--to", "slowfast", "--encoder-only"]) == 0
+    capsys.readouterr()
+    # a SlowFast encoder (no decoder, no head) is told by its file's 'model_state', not taken for this project's
+    assert read_state_dict(str(tmp_path / "x.pyth"))[1] == "slowfast"
+    assert "loaded" in str(load_pretrained(clf, str(tmp_path / "x.pyth"))) and "a SlowFast checkpoint" in str(
+        load_pretrained(clf, str(tmp_path / "x.pyth")))
+    assert main([str(tmp_path / "x.pyth"), str(tmp_path / "y.pth"), "--to", "mae_st"]) == 0
+    assert f"{tmp_path / 'x.pyth'}: slowfast format" in capsys.readouterr().out
+    # a file that is not a checkpoint: what it is, not torch's advice to load it unsafely
+    (tmp_path / "notes.pth").write_bytes(b"\x80\x04\x95" + b"not a checkpoint" * 4)
+    with pytest.raises(ValueError) as err:
+        read_state_dict(str(tmp_path / "notes.pth"))
+    assert "is not a checkpoint this project reads" in str(err.value) and "weights_only" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["mae_st_pretrain_vit_b", "slowfast_pt_vit_b"])

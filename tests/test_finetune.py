@@ -121,3 +121,10 @@ def test_pretrained_refuses_what_it_cannot_load(tmp_path, monkeypatch, capsys):
             "--output", str(tmp_path / "run"), "--pretrained", str(bad), "eval_split=train"]
     assert finetune.main(finetune.Finetuning, args) == 2
     assert "not an MAE-ST video ViT checkpoint" in capsys.readouterr().err
+    # --eval-only with nothing to test (a typo in --output) tested a random model and printed its top-1
+    fresh = [*args[:args.index("--pretrained")], "--output", str(tmp_path / "typo"), "--eval-only", "eval_split=train"]
+    assert finetune.main(finetune.Finetuning, fresh) == 2
+    assert "--eval-only: nothing to test" in capsys.readouterr().err and not os.path.exists(tmp_path / "typo")
+    with pytest.raises(SystemExit):  # its --help offers no mixture, which fine-tuning refuses
+        finetune.main(finetune.Finetuning, ["--help"])
+    assert "mixture" not in capsys.readouterr().out

@@ -108,7 +108,8 @@ def test_a_process_that_would_train_alone_by_mistake_is_refused():
         resolve_launch(sbatch_shell)
     assert resolve_launch({**sbatch_shell, "WORLD_SIZE": "1", "RANK": "0"}).world_size == 1  # on purpose
     srun_step = {**sbatch_shell, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8"}
-    with pytest.raises(LaunchProblem, match="srun .* 8 processes, but this one resolves to a world of 1"):
+    with pytest.raises(LaunchProblem, match="srun .* 8 processes, but this one resolves to a world of 1 .* unset "
+                                            "WORLD_SIZE and RANK"):
         resolve_launch({**srun_step, "WORLD_SIZE": "1", "RANK": "0"})  # a script that exported WORLD_SIZE=1
     with pytest.raises(LaunchProblem, match="mpirun -x MASTER_ADDR="):
         resolve_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})

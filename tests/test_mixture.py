@@ -82,6 +82,9 @@ def test_every_problem_of_a_spec_is_named_in_one_message():
         assert part in message, part
     with pytest.raises(ValueError, match="one unnamed location"):
         parse_data("demo_data/shards", {"k400": 1.0})
+    with pytest.raises(ValueError, match=r"a weight belongs to a named set of a mixture, NAME=LOCATION:WEIGHT .* one "
+                                         r"set takes no weight: --data demo_data/shards$"):
+        parse_data("demo_data/shards:0.5")  # (it said "no shards folder demo_data/shards:0.5")
 
 
 @pytest.mark.parametrize("world_size", [1, 8, 64])
@@ -178,7 +181,7 @@ def test_pretraining_on_a_mixture_killed_after_a_checkpoint_resumes_with_the_sam
 
 def test_fine_tuning_refuses_a_mixture(sets, tmp_path, capsys):
     args = ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_FT", "--data",
-            spec(sets), "--output", str(tmp_path / "ft"), "--eval-only"]
+            spec(sets), "--output", str(tmp_path / "ft")]
     assert finetune.main(finetune.Finetuning, args) == 2
     assert "Finetuning needs one label space, and a mixture's labels are per set" in capsys.readouterr().err
 

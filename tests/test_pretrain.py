@@ -2,6 +2,7 @@
 processes, TensorBoard, the loss guard and the config checks."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -352,6 +353,45 @@ def test_a_restart_with_other_overrides_says_what_changed_and_refuses_what_break
     assert starts == ["start001.json", "start002.json"]
     assert [json.load(open(os.path.join(out, "configs", name)))["recipe"]["optim"]["blr"] for name in starts] == [
         0.015, 0.5]
+    with pytest.raises(ValueError) as err:  # a model option is named, not the two whole option dicts
+        prepare(pretrain.Pretraining, [*args, "--max-steps", "4", "blr=0.5", "model.decoder_keep=0.5"])
+    assert "(model.options.decoder_keep None -> 0.5)" in str(err.value)
+    from trainer import finetune
+
+    with pytest.raises(ValueError, match=r"holds a pretraining run \(checkpointed at step 3\), not a fine-tuning one: "
+                                         r"fine-tune from it into a new --output with --pretrained"):
+        prepare(finetune.Finetuning, ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_FT", "--data", shards,
+                                      "--output", out, "eval_split=train"])
+
+
+def test_a_resume_on_other_data_is_refused_unless_allowed_and_then_reads_it_from_its_beginning(shards, tmp_path,
+                                                                                             monkeypatch, caplog):
+    """Resuming a run with another --data was accepted without a word: the cursor of one set went on over another.
+    The same shards moved elsewhere are the same data; another set, or a mixture's other weights, are refused unless
+    --allow-changes, and then the new data is read from its beginning."""
+    import shutil
+
+    from trainer.cli import prepare
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "run")
+    common = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--output", out, *TINY, "image_every=0"]
+    assert pretrain.main(pretrain.Pretraining, [*common, "--data", shards, "--max-steps", "2"]) == 0
+    other = make_shards(tmp_path / "other", n=4, frames=20)
+    moved = shutil.copytree(shards, tmp_path / "moved")
+    prepare(pretrain.Pretraining, [*common, "--data", str(moved), "--max-steps", "3"])  # the same shards elsewhere
+    for data, said in ((other, f"the data data={shards} -> data={other}"),
+                       (f"a={shards}:0.5,b={other}:0.5", f"the data data={shards} -> a={shards}:0.5,b={other}:0.5")):
+        with pytest.raises(ValueError) as err:
+            prepare(pretrain.Pretraining, [*common, "--data", data, "--max-steps", "3"])
+        assert f"checkpointed at step 2 with another data ({said})" in str(err.value), str(err.value)
+        assert "--allow-changes" in str(err.value) and "the new data is read from its beginning" in str(err.value)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert pretrain.main(pretrain.Pretraining, [*common, "--data", other, "--max-steps", "3",
+                                                    "--allow-changes"]) == 0
+    assert f"resuming on other data (--allow-changes): data={shards} -> data={other}" in caplog.text
+    assert "resumed from step00000002 at step 2 (epoch 0, batch 0)" in caplog.text
+    assert json.load(open(os.path.join(out, "config.json")))["data"] == other and sorted(losses(out)) == [1, 2, 3]
 
 
 def test_overrides_take_the_fields_declared_types():
@@ -418,6 +458,10 @@ def test_recipe_overrides_and_schedule():
     assert recipe.model.options == {"norm_pix_loss": True, "drop_path_rate": 0.1}
     with pytest.raises(ValueError, match="unknown recipe field 'lr_peak'"):
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr_peak=1"])
+    with pytest.raises(ValueError, match="unknown recipe field 'bl'; did you mean blr\\?"):
+        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["bl=1e-3"])
+    with pytest.raises(ValueError, match="lr = blr x clips per optimizer step / 256 .* set blr="):
+        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr=1e-3"])
     with pytest.raises(ValueError, match=r"repeats='two' \(must be int\)"):
         resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=two"])
     assert [round(warmup_cosine(s, 10, 110, 0.0), 3) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.5, 0.0]

@@ -7,6 +7,7 @@ streams from the store unless a test gives the cache room (MAE_ST_SHARD_CACHE_GB
 import functools
 import http.server
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -333,6 +334,18 @@ def test_a_node_cache_on_a_shared_filesystem_or_a_damaged_object_is_refused_with
         NodeCache(f"s3://{BUCKET}/set").fill({name: wrong}, lambda n: open(os.path.join(shards, n), "rb"))
 
 
+def test_a_damaged_set_is_refused_before_anything_is_copied(store, tmp_path, monkeypatch):
+    """The damage check judged the node cache's copy: a split with a missing index was copied whole, then refused."""
+    from dali_pipes.shard_set import DamagedShards
+
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", "1")
+    with pytest.raises(DamagedShards, match="train-000001.idx: missing"):
+        open_shard_set(f"s3://{BUCKET}/noindex", "train")
+    copied = [name for _, _, names in os.walk(tmp_path / "cache") for name in names if name.endswith((".tar", ".idx"))]
+    assert copied == []
+
+
 def test_an_http_set_is_copied_once_into_the_node_cache(store, tmp_path, monkeypatch):
     _, shards = store
     monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
@@ -361,12 +374,20 @@ def test_an_http_set_is_copied_once_into_the_node_cache(store, tmp_path, monkeyp
     assert names(ShardReader(first, LoaderConfig(location, batch_size=2), Cursor(), 1), 1)
 
 
-def test_the_preflight_checks_the_store_and_measures_one_stream(store):
+def test_the_preflight_checks_the_store_and_measures_one_stream(store, tmp_path, monkeypatch, capsys, caplog):
+    from tools import preflight
     from tools.checks.store import check_store
 
     _, shards = store
     assert check_store(shards, "train").status == "SKIP"
-    good = check_store(f"s3://{BUCKET}/set", "train")
+    with caplog.at_level(logging.WARNING, logger="dali_pipes"):
+        good = check_store(f"s3://{BUCKET}/set", "train")
     assert good.status == "PASS" and good.figures["shards"] == 2 and good.figures["stream_mb_per_s"] > 0
+    assert "the node cache is off (MAE_ST_SHARD_CACHE_GB=0): DALI streams the split" in caplog.text
     bad = check_store(f"s3://{BUCKET}/noindex", "train")
     assert bad.status == "FAIL" and "train-000001.idx: missing" in bad.summary
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # reported as the store's, not the recipe's
+    assert preflight.main(["--data", f"s3://{BUCKET}/set", "--recipe", "demo_PT", "--ds_config",
+                           os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(tmp_path / "run")]) == 1
+    report = capsys.readouterr().out
+    assert "FAIL  shard store" in report and "refused the credentials" in report and "FAIL  recipe" not in report

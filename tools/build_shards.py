@@ -34,7 +34,8 @@ from dali_pipes.shard_store import HttpStore, LocalStore, StoreRefused, open_sto
 from tools.shard_building.clip_prep import CODECS, SKIP_REASONS, PrepOptions, SkipClip, prepare_clip
 from tools.shard_building.publish import publish, staging_folder
 from trainer.atomic_files import atomic_write_text
-from tools.shard_building.shard_writer import STATE_DIR, OutputLocked, ShardWriter, lock_output, recover
+from tools.shard_building.shard_writer import (STATE_DIR, OutputLocked, ShardWriter, lock_output, recover,
+                                               remove_split)
 from tools.shard_building.video_sources import (build_label_map, from_class_folders, from_kinetics_csv,
                                                 from_list_file, from_ssv2, read_ssv2_labels)
 
@@ -87,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards")
     p.add_argument("--limit", type=int, help="only the first N clips of each split (after the shuffle)")
     p.add_argument("--classes", help="file of class names, one per line, fixing the label map")
+    p.add_argument("--replace", action="store_true",
+                   help="build the splits anew from these sources: their shards in --out, built from other sources "
+                        "before, are deleted first (without it such a build is refused: a rerun resumes only the "
+                        "same build)")
     args = p.parse_args(argv)
     for flag in ("csv", "ssv2"):
         if getattr(args, flag) and not args.videos:
@@ -248,12 +253,32 @@ def prepare_all(jobs, workers: int, prepare=_prepare):
         position += 1
 
 
+def foreign_clips(committed: list, skipped: list, sources) -> list[str]:
+    """The clips OUT's split holds (or skipped) that these sources do not list, or list from another file: a rerun
+    with them is a new build, not a resume of the one that wrote the split."""
+    paths = {s.key: s.path for s in sources}
+    found = [(s["key"], s.get("source")) for shard in committed for s in shard["samples"]]
+    found += [(s["key"], s.get("source")) for s in skipped]
+    return [key for key, path in found if key not in paths or (path is not None and path != paths[key])]
+
+
 def build_split(args, split, sources, label_map, options):
-    """Shard one split, resuming after whatever a killed run committed. Returns (sidecars, skipped records)."""
+    """Shard one split, resuming after whatever a killed run of the same build committed; a split built from other
+    sources before is refused, or with --replace deleted first. Returns (sidecars, skipped records)."""
     committed = recover(args.out, split)
-    done = {s["key"] for shard in committed for s in shard["samples"]}
     skip_log = os.path.join(args.out, STATE_DIR, f"skipped-{split}.jsonl")
     skipped = _read_jsonl(skip_log)
+    foreign = foreign_clips(committed, skipped, sources)
+    if foreign and not args.replace:
+        sys.exit(f"error: the {split!r} split in {args.out} was built from other sources: {len(foreign)} of its "
+                 f"{sum(len(c['samples']) for c in committed) + len(skipped)} clips (e.g. {foreign[0]}) are not among "
+                 f"these {len(sources)}. A rerun resumes only the same build; to build {split!r} anew from these "
+                 "sources (its shards deleted first) pass --replace, or build into another --out")
+    if foreign:
+        print(f"{split}: --replace: deleting the {len(committed)} shards built from other sources")
+        remove_split(args.out, split)
+        committed, skipped = [], []
+    done = {s["key"] for shard in committed for s in shard["samples"]}
     done |= {s["key"] for s in skipped}
     todo = [s for s in sources if s.key not in done]
     by_key = {s.key: s for s in todo}
@@ -283,7 +308,7 @@ def build_split(args, split, sources, label_map, options):
                 files = {result.ext: result.data, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
                          "info": info}
                 writer.write(key, files, {"codec": result.codec, "num_frames": result.num_frames, "label": label,
-                                          **frame})
+                                          "source": source.path, **frame})
             bar.update()
             bar.set_postfix(skipped=len(skipped), refresh=False)
     writer.close()

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     from dali_pipes.mixture import parse_data
     from dali_pipes.shard_format import read_manifest
     from dali_pipes.shard_set import open_shard_set
+    from dali_pipes.shard_store import StoreRefused
     from tools.checks import decoding, environment, model, store, timed_run
     from tools.checks.ranks import Ranks
     from trainer.ds_config import plan_batch, read_ds_config
@@ -119,6 +120,9 @@ def main(argv=None) -> int:
         task, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
         recipe = task.recipe
         sources = parse_data(args.data, recipe.loading.mixture)  # a mixture: each set's store and shards checked
+    except StoreRefused as err:  # (the manifest is read with the recipe: a credential, a bucket, a missing set)
+        results.append(Check("shard store", FAIL, str(err), store.FIX))
+        return write_report(results, "preflight stopped before starting any process", None)
     except (ValueError, TypeError, FileNotFoundError) as err:
         results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
         return write_report(results, "preflight stopped before starting any process", os.path.join(

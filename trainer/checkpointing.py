@@ -148,8 +148,6 @@ class Checkpointer:
                 component.load_state_dict(state[name])
         if same_layout:
             set_rng_state(state["rng"], self.env.device)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", tag, step, state["loader"]["cursor"]["epoch"],
-                 state["loader"]["cursor"]["position"])
         return step
 
     def save(self, engine, step: int, stateful: dict) -> str:

@@ -10,8 +10,8 @@ import sys
 
 from trainer import supervise
 from trainer.checkpointing import Checkpointer
-from trainer.data import task_manifest
-from trainer.recipes import CHANGEABLE_ON_RESUME, recipe_changes, resolve_recipe
+from trainer.data import data_change, data_facts, task_manifest
+from trainer.recipes import CHANGEABLE_ON_RESUME, as_saved, recipe_changes, recipe_kind, resolve_recipe
 from trainer.run import Run
 from trainer.run_folder import NotShared
 from trainer.versions import VersionProblem, require_versions
@@ -23,8 +23,9 @@ def parse_args(task_type, argv=None) -> argparse.Namespace:
     p.add_argument("--ds_config", required=True, help="DeepSpeed config (ds_configs/*.json)")
     p.add_argument("--recipe", required=True, help=f"one of {sorted(task_type.recipes)}")
     p.add_argument("--data", required=True, help="shards built by tools/build_shards.py (a folder, s3://bucket/prefix, "
-                   "gs://..., http(s)://...: README, Data in object storage), or a weighted mixture of "
-                   "them: NAME=LOCATION:WEIGHT[:option=value...],... (README: Mixtures)")
+                   "gs://..., http(s)://...: README, Data in object storage)" + (
+                       ", or a weighted mixture of them: NAME=LOCATION:WEIGHT[:option=value...],... (README: Mixtures)"
+                       if task_type.mixes_sets else " (one set: its labels are the model's classes)"))
     p.add_argument("--output", required=True, help="run folder: checkpoints, logs; an existing one is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpointing at the end)")
     p.add_argument("--allow-changes", action="store_true",
@@ -49,20 +50,32 @@ def resolve(task_type, args: argparse.Namespace):
     return task, model_cfg
 
 
-def check_resume_changes(run_dir: str, recipe, allowed: bool) -> dict:
-    """What differs between `recipe` and the one the run in `run_dir` was checkpointed with ({} for a new run);
-    a change that would not continue the same run is refused unless `allowed`."""
+def check_resume_changes(run_dir: str, recipe, data: list, allowed: bool) -> dict:
+    """What differs between `recipe` and `data` (trainer/data.py data_facts) and what the run in `run_dir` was
+    checkpointed with ({} for a new run; the data as "data"); a change that would not continue the same run is
+    refused unless `allowed`, and a run of the other task always."""
     saved = Checkpointer.saved_meta(run_dir)
     if not saved or "recipe" not in saved:
         return {}
+    ran, now = recipe_kind(saved["recipe"]), recipe_kind(as_saved(recipe))
+    if ran != now:
+        use = f"fine-tune from it into a new --output with --pretrained {run_dir}" if ran == "pretraining" else \
+            "pretrain into a new --output"
+        raise ValueError(f"{run_dir} holds a {ran} run (checkpointed at step {saved['step']}), not a {now} one: "
+                         f"{use}")
     changes = recipe_changes(saved["recipe"], recipe)
     breaking = {name: change for name, change in changes.items() if name not in CHANGEABLE_ON_RESUME}
-    if breaking and not allowed:
-        listed = ", ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in sorted(breaking.items()))
-        raise ValueError(f"{run_dir} was checkpointed at step {saved['step']} with another recipe ({listed}): "
-                         "resuming with these changes would not continue the same run. Drop them, start a new "
-                         "--output, or pass --allow-changes to go on with them (the run then differs from one started "
-                         "with them; the change is logged and its configuration kept in RUN_DIR/configs/)")
+    listed = ", ".join(f"{name} {before!r} -> {after!r}" for name, (before, after) in sorted(breaking.items()))
+    moved = data_change(saved.get("data"), data)
+    if moved:
+        changes["data"] = moved
+        listed += ("; " if listed else "") + f"the data {moved}"
+    if listed and not allowed:
+        raise ValueError(f"{run_dir} was checkpointed at step {saved['step']} with another " + (
+            "recipe" if breaking else "data") + f" ({listed}): resuming with these changes would not "
+            "continue the same run. Drop them, start a new --output, or pass --allow-changes to go on with them (the "
+            "run then differs from one started with them; the change is logged and its configuration kept in "
+            "RUN_DIR/configs/" + ("; the new data is read from its beginning" if moved else "") + ")")
     return changes
 
 
@@ -73,7 +86,7 @@ def prepare(task_type, argv=None):
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
     task, model_cfg = resolve(task_type, args)
-    check_resume_changes(args.output, task.recipe, args.allow_changes)
+    check_resume_changes(args.output, task.recipe, data_facts(args.data, task.recipe.loading), args.allow_changes)
     require_versions()
     return task, args, model_cfg
 

@@ -3,11 +3,12 @@
 the test split; and what the run reads of the data's manifests (one per set of a mixture)."""
 
 import dataclasses
+import json
 
 from dali_pipes import EvalViews, LoaderConfig, TrainViews
 from dali_pipes.config import LoaderOptions
 from dali_pipes.mixture import parse_data, required_single
-from dali_pipes.shard_format import read_manifest
+from dali_pipes.shard_format import read_manifest, split_fingerprint
 
 
 def manifests(data: str, loading: LoaderOptions) -> list[dict]:
@@ -22,6 +23,33 @@ def task_manifest(data: str, loading: LoaderOptions, task) -> dict:
     if not task.mixes_sets:
         required_single(sources, type(task).__name__)
     return read_manifest(sources[0].location)
+
+
+def data_facts(data: str, loading: LoaderOptions) -> list[dict]:
+    """What a run reads, as its checkpoints record it: per set its name, location, weight, plan options and the
+    fingerprint of its split (the same shards copied or moved elsewhere keep it)."""
+    return [{"name": s.name, "location": s.location, "weight": round(s.weight, 6), "plan": s.plan,
+             "fingerprint": split_fingerprint(read_manifest(s.location), loading.split)}
+            for s in parse_data(data, loading.mixture)]
+
+
+def data_change(saved: list | None, now: list) -> str | None:
+    """What differs between the data a checkpoint was written on (its data_facts, None for a checkpoint older than
+    them) and `now`, in words; None when it is the same data (the same shards moved elsewhere count as the same)."""
+    if saved is None:
+        return None
+    same = [{k: v for k, v in s.items() if k != "location"} for s in saved] == \
+        [{k: v for k, v in s.items() if k != "location"} for s in json.loads(json.dumps(now))]
+    if same:
+        return None
+
+    def describe(facts):
+        return ",".join(f"{f['name']}={f['location']}" + (f":{f['weight']:g}" if len(facts) > 1 else "") +
+                        "".join(f":{k}={v}" for k, v in sorted(f["plan"].items())) for f in facts)
+
+    content = {f["name"] for f in saved if f["fingerprint"] not in {g["fingerprint"] for g in now}}
+    detail = f" (other shards in {', '.join(sorted(content))})" if content and describe(saved) == describe(now) else ""
+    return f"{describe(saved)} -> {describe(now)}{detail}"
 
 
 def pixels_median(data: str, loading: LoaderOptions) -> int | None:

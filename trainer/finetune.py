@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from models import VideoClassifier, classifier_macs, load_pretrained
 from models.config import ClassifierConfig, resolve_config
 from trainer.batch_augment import mixup_cutmix, random_erasing
-from trainer.checkpointing import read_weights
+from trainer.checkpointing import Checkpointer, read_weights
 from trainer.cli import main
 from trainer.data import check_model_fits_views
 from trainer.evaluate import Validation
@@ -57,6 +57,10 @@ class Finetuning(Task):
 
     @classmethod
     def from_args(cls, args, recipe):
+        if args.eval_only and not args.pretrained and not Checkpointer.saved_meta(args.output):
+            raise ValueError(f"--eval-only: nothing to test: {args.output} holds no checkpoint of a run, and no "
+                             "--pretrained was given (a random model would be tested): give the run folder of a "
+                             "fine-tuning run as --output, or the weights to test as --pretrained")
         return cls(recipe, args.pretrained, args.eval_only)
 
     def model_config(self, manifest):

@@ -202,11 +202,12 @@ def resolve_launch(environ=None) -> LaunchEnv:
         several = [(who, n) for who, n in _claimed_processes(environ, explicit) if n > 1]
         if several:
             who, n = several[0]
+            fix = ("unset WORLD_SIZE and RANK (a script exported them) so that the launcher's own variables are read"
+                   if explicit else "to run one process on purpose inside the allocation, set WORLD_SIZE=1 RANK=0")
             raise LaunchProblem(
                 f"{who} says this job has {n} processes, but this one resolves to a world of 1 ({env.launcher}): "
                 "each would train alone on the same GPU into the same run folder. Start one process per GPU with "
-                "srun (srun python trainer/pretrain.py ...), torchrun or the deepspeed launcher; to run one process "
-                "on purpose inside the allocation, set WORLD_SIZE=1 RANK=0")
+                f"srun (srun python trainer/pretrain.py ...), torchrun or the deepspeed launcher; {fix}")
     if not 0 <= env.rank < env.world_size or not 0 <= env.local_rank < max(1, env.local_world_size):
         raise LaunchProblem(f"rank {env.rank} of {env.world_size} (local {env.local_rank} of {env.local_world_size}, "
                             f"from {env.launcher}) is not a place in the job")

@@ -19,6 +19,7 @@ as field=value or section.field=value; model constructor options as model.<optio
 
 import ast
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -306,8 +307,14 @@ def _place(key: str, recipe) -> tuple[str, str]:
         return owners[0], key
     if owners:
         raise ValueError(f"{key!r} is a field of {' and '.join(owners)}: say which, e.g. {owners[0]}.{key}=...")
+    if key == "lr":
+        raise ValueError("'lr' is not set directly: lr = blr x clips per optimizer step / 256 (the paper's rule, "
+                         "repeats not counted): set blr=...")
     known = sorted({f for config in parts.values() for f in _field_types(config)})
-    raise ValueError(f"unknown recipe field {key!r}; fields are {known} (or section.field), and model.<option>")
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ValueError(f"unknown recipe field {key!r}; {guess}fields are {known} (or section.field), and "
+                     "model.<option>")
 
 
 def resolve_recipe(recipes: dict, name: str, overrides: list[str], problems: list | None = None):
@@ -361,7 +368,21 @@ def as_saved(recipe) -> dict:
     return json.loads(json.dumps(flat, default=str))
 
 
+def _options_apart(flat: dict) -> dict:
+    """The model's constructor options as fields of their own ("model.options.decoder_keep"), so that a change names
+    the option, not the whole dict."""
+    options = flat.get("model.options") or {}
+    return {**{k: v for k, v in flat.items() if k != "model.options"},
+            **{f"model.options.{name}": value for name, value in options.items()}}
+
+
 def recipe_changes(saved: dict, recipe) -> dict:
-    """{"section.field": (as saved, now)} for the values of `recipe` that differ from a saved one."""
-    now = as_saved(recipe)
-    return {name: (saved.get(name), value) for name, value in now.items() if saved.get(name) != value}
+    """{"section.field": (as saved, now)} for the values of `recipe` that differ from a saved one (a model option
+    as "model.options.NAME")."""
+    saved, now = _options_apart(saved), _options_apart(as_saved(recipe))
+    return {name: (saved.get(name), now.get(name)) for name in {*saved, *now} if saved.get(name) != now.get(name)}
+
+
+def recipe_kind(flat: dict) -> str:
+    """"pretraining" or "fine-tuning", from a recipe as_saved (the sections it has)."""
+    return "pretraining" if any(name.startswith("masking.") for name in flat) else "fine-tuning"

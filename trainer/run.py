@@ -26,7 +26,7 @@ from dali_pipes import VideoLoader
 from dali_pipes.shard_store import StoreUnavailable
 from models.attention import cpu_has_native_bf16, describe_attention
 from trainer.checkpointing import Checkpointer
-from trainer.data import loader_config, pixels_median
+from trainer.data import data_change, data_facts, loader_config, pixels_median
 from trainer.device_peak import device_peak_flops
 from trainer.ds_config import plan_batch, read_ds_config
 from trainer.engine import build_engine, init_distributed
@@ -120,10 +120,13 @@ class Run:
         self.loader = VideoLoader(loader_config(recipe, args.data, self.env, self.batch.micro_batch, self.dtype))
         self.model = task.build_model(model_cfg)
         self.schedule = self._schedule(saved)
+        data = data_facts(args.data, recipe.loading)
         self.checkpointer.run_facts = {"clips_per_step": self.batch.clips_per_step, "micro_batch":
                                        self.batch.micro_batch, "accumulation": self.batch.accumulation,
                                        "total_steps": self.schedule.total_steps,
-                                       "warmup_steps": self.schedule.warmup_steps, "recipe": as_saved(recipe)}
+                                       "warmup_steps": self.schedule.warmup_steps, "recipe": as_saved(recipe),
+                                       "data": data}
+        self.new_data = data_change((saved or {}).get("data"), data)  # (allowed by --allow-changes: trainer/cli.py)
         resume = self.checkpointer.resume_plan()
         self.ds_config = ds_config.for_deepspeed(recipe, self.batch)
         if resume:
@@ -131,7 +134,15 @@ class Run:
         self.engine = build_engine(self.model, recipe.optim, self.ds_config, self.lr, self.schedule.total_steps,
                                    self.schedule.warmup_steps, task.lr_scale_of(self.model), recipe.run.compile)
         self.guard = LossGuard(recipe.run.explosion_factor)
-        self.step = self.checkpointer.resume(self.engine, resume, self._stateful()) if resume else 0  # and RNGs
+        if resume and self.new_data and self.env.is_main:
+            log.warning("resuming on other data (--allow-changes): %s. The model, optimizer and schedule go on from the "
+                        "checkpoint; the loader reads the new data from its beginning (epoch 0, a fresh order)",
+                        self.new_data)
+        stateful = {name: c for name, c in self._stateful().items() if not (self.new_data and name == "loader")}
+        self.step = self.checkpointer.resume(self.engine, resume, stateful) if resume else 0  # and RNGs
+        if resume:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume.tag, self.step, self.loader.epoch,
+                     self.loader.cursor.position)
         self.stop_at = min(self.schedule.total_steps, args.max_steps or self.schedule.total_steps)
         peak, peak_source = device_peak_flops(self.env.device, self.dtype)
         flops = task.flops_per_clip(model_cfg) * self.batch.micro_batch * self.batch.accumulation

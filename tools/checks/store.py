@@ -10,6 +10,10 @@ from dali_pipes.shard_store import LocalStore, StoreRefused, open_store
 from tools.checks.report import FAIL, PASS, SKIP, Check
 
 
+FIX = ("fix what it names: credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, "
+       "AWS_ENDPOINT_URL; a missing or short object: publish the set again with tools/build_shards.py --out")
+
+
 def check_store(data: str, split: str) -> Check:
     store = open_store(data)
     if isinstance(store, LocalStore):
@@ -17,9 +21,7 @@ def check_store(data: str, split: str) -> Check:
     try:
         shards = open_shard_set(data, split)
     except (StoreRefused, FileNotFoundError, ValueError) as err:
-        return Check("shard store", FAIL, str(err), "fix what it names: credentials and endpoint come from "
-                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; a missing or short "
-                     "object: publish the set again with tools/build_shards.py --out")
+        return Check("shard store", FAIL, str(err), FIX)
     name = shards.tars[0].rsplit("/", 1)[-1]
     start = time.perf_counter()
     with store.open(name) as stream:

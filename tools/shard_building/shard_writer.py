@@ -67,6 +67,15 @@ def recover(out_dir: str, split: str) -> list[dict]:
     return committed
 
 
+def remove_split(out_dir: str, split: str) -> None:
+    """Delete a split's shards, indexes, sidecars and skip log (a build that replaces it)."""
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.")
+    for folder in (out_dir, os.path.join(out_dir, STATE_DIR)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if pattern.match(name) or name == f"skipped-{split}.jsonl":
+                os.remove(os.path.join(folder, name))
+
+
 class ShardWriter:
     def __init__(self, out_dir: str, split: str, max_bytes: int, max_count: int, first_index: int = 0):
         self.out_dir, self.split = out_dir, split
