@@ -134,7 +134,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.parametrize("entry", ["trainer/pretrain.py", "trainer/finetune.py", "tools/benchmark.py"])
 def test_entry_points_set_how_openmp_threads_wait_before_torch_loads(entry):
     """GNU OpenMP's idle threads spun some 300,000 times before sleeping: two demo pretrainings on 2 cores ran at
-    0.13 of their speed alone, each (tools/benchmark.py share). The spin count is set before torch loads OpenMP,
+    0.11 of their speed alone, each (tools/benchmark.py share). The spin count is set before torch loads OpenMP,
     which reads it once."""
     import os
     import subprocess
