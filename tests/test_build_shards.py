@@ -373,9 +373,14 @@ def test_a_split_rebuilt_from_other_sources_is_refused_or_replaced_never_mixed(t
     assert build_shards.main(["--root", first, *build]) == 0
     assert build_shards.main(["--root", first, *build]) == 0  # the same build again: nothing to do
     assert "val: resuming: 3 clips done before, 0 to go" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"'val' split in .* was built from other sources: 3 of its 3 clips .* pass "
+    with pytest.raises(SystemExit, match=r"'val' split in .* was built from other sources: it was built from 3 "
+                                         r"sources, these are 2 \(2 not among them, 3 of them not here.* pass "
                                          r"--replace, or build into another --out"):
         build_shards.main(["--root", second, *build])
+    # a folder holding the same clips and more is another build too (the review's case: val's clips among train's)
+    videos(tmp_path / "a", ["a4"])
+    with pytest.raises(SystemExit, match=r"built from 3 sources, these are 4 \(1 not among them, 0 of them not here"):
+        build_shards.main(["--root", first, *build])
     assert read_manifest(str(out))["splits"]["val"]["samples"] == 3  # refused before touching it
     assert build_shards.main(["--root", second, *build, "--replace"]) == 0
     sources = [json.loads(s["json"])["source"] for s in wds.WebDataset(str(out / "val-000000.tar"), shardshuffle=False)]

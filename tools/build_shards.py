@@ -253,13 +253,25 @@ def prepare_all(jobs, workers: int, prepare=_prepare):
         position += 1
 
 
-def foreign_clips(committed: list, skipped: list, sources) -> list[str]:
-    """The clips OUT's split holds (or skipped) that these sources do not list, or list from another file: a rerun
-    with them is a new build, not a resume of the one that wrote the split."""
-    paths = {s.key: s.path for s in sources}
+def foreign_build(out: str, split: str, committed: list, skipped: list, sources) -> str | None:
+    """Why OUT's split is not a killed run of this build (None when it is, or is empty): the build records the list
+    of sources it shards (a rerun from a folder with more, fewer or other files is a new build), and each clip its
+    file (splits built before that list was recorded are checked by their clips alone)."""
+    listed = {s.key: s.path for s in sources}
+    record = os.path.join(out, STATE_DIR, f"sources-{split}.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            before = json.load(f)
+        if before != listed:
+            new, gone = len(listed.keys() - before.keys()), len(before.keys() - listed.keys())
+            moved = sum(before[k] != listed[k] for k in listed.keys() & before.keys())
+            return (f"it was built from {len(before)} sources, these are {len(listed)} ({new} not among them, {gone} "
+                    f"of them not here, {moved} from another file)")
+        return None
     found = [(s["key"], s.get("source")) for shard in committed for s in shard["samples"]]
     found += [(s["key"], s.get("source")) for s in skipped]
-    return [key for key, path in found if key not in paths or (path is not None and path != paths[key])]
+    foreign = [key for key, path in found if key not in listed or (path is not None and path != listed[key])]
+    return f"{len(foreign)} of its {len(found)} clips (e.g. {foreign[0]}) are not among these" if foreign else None
 
 
 def build_split(args, split, sources, label_map, options):
@@ -268,16 +280,17 @@ def build_split(args, split, sources, label_map, options):
     committed = recover(args.out, split)
     skip_log = os.path.join(args.out, STATE_DIR, f"skipped-{split}.jsonl")
     skipped = _read_jsonl(skip_log)
-    foreign = foreign_clips(committed, skipped, sources)
+    foreign = foreign_build(args.out, split, committed, skipped, sources) if committed or skipped else None
     if foreign and not args.replace:
-        sys.exit(f"error: the {split!r} split in {args.out} was built from other sources: {len(foreign)} of its "
-                 f"{sum(len(c['samples']) for c in committed) + len(skipped)} clips (e.g. {foreign[0]}) are not among "
-                 f"these {len(sources)}. A rerun resumes only the same build; to build {split!r} anew from these "
-                 "sources (its shards deleted first) pass --replace, or build into another --out")
+        sys.exit(f"error: the {split!r} split in {args.out} was built from other sources: {foreign}. A rerun "
+                 f"resumes only the same build; to build {split!r} anew from these {len(sources)} sources (its shards "
+                 "deleted first) pass --replace, or build into another --out")
     if foreign:
         print(f"{split}: --replace: deleting the {len(committed)} shards built from other sources")
         remove_split(args.out, split)
         committed, skipped = [], []
+    atomic_write_text(os.path.join(args.out, STATE_DIR, f"sources-{split}.json"),
+                      json.dumps({s.key: s.path for s in sources}))
     done = {s["key"] for shard in committed for s in shard["samples"]}
     done |= {s["key"] for s in skipped}
     todo = [s for s in sources if s.key not in done]

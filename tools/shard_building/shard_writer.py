@@ -68,11 +68,11 @@ def recover(out_dir: str, split: str) -> list[dict]:
 
 
 def remove_split(out_dir: str, split: str) -> None:
-    """Delete a split's shards, indexes, sidecars and skip log (a build that replaces it)."""
+    """Delete a split's shards, indexes, sidecars, skip log and source list (a build that replaces it)."""
     pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.")
     for folder in (out_dir, os.path.join(out_dir, STATE_DIR)):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if pattern.match(name) or name == f"skipped-{split}.jsonl":
+            if pattern.match(name) or name in (f"skipped-{split}.jsonl", f"sources-{split}.json"):
                 os.remove(os.path.join(folder, name))
 
 
