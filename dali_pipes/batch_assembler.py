@@ -11,6 +11,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 class BatchAssembler:
     def __init__(self, config):
         self.device, self.dtype, self.layout = config.device, config.dtype, config.views.layout
+        self.views_per_clip = config.views.views_per_clip
         self._buffers, self._turn = [(None, lambda: None)] * 2, 0  # (buffer, the batch tensor made from it)
 
     def _output_buffer(self, shape, dtype) -> torch.Tensor:
@@ -26,7 +27,8 @@ class BatchAssembler:
     def __call__(self, feed, parts: list) -> dict:
         """The batch of `feed` from [(slice of the batch, its views: R DALI TensorLists)]."""
         first = parts[0][1][0].as_tensor()  # [b, C, T, S, S]
-        out = self._output_buffer((len(parts[0][1]), len(feed.data), *first.shape()[1:]), to_torch_type[first.dtype])
+        views_per_clip = self.views_per_clip
+        out = self._output_buffer((views_per_clip, len(feed.data), *first.shape()[1:]), to_torch_type[first.dtype])
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for part, views in parts:
             for v, view in enumerate(views):
@@ -34,14 +36,18 @@ class BatchAssembler:
         labels = torch.from_numpy(feed.labels)
         if self.device.type == "cuda":  # from pinned memory, without blocking the host
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-        views_per_clip = out.shape[0]
         if self.layout == "view-major":  # row v * B + b is view v of clip b
             video = out.flatten(0, 1).to(self.dtype)
             self._buffers[self._turn] = (out, weakref.ref(video))
             return {"video": video, "label": labels.repeat(views_per_clip)}
         # clip-major: a video's views together, sharing its index; the padding at the end of an epoch keeps its
-        # place (every rank runs the same forward passes, which ZeRO-3 needs) with index -1
+        # place (every rank runs the same forward passes, which ZeRO-3 needs) with index -1. Each row also says which
+        # video it is (the sample's name in its shard) and the first frame its view starts at (what an index of
+        # extracted features records)
         video = out.transpose(0, 1).flatten(0, 1).to(self.dtype)
         index = torch.from_numpy(feed.indices).to(self.device)
+        starts = [int(plan.frames[order[0]]) for plan in feed.plans for order in plan.orders]
         return {"video": video, "label": labels.repeat_interleave(views_per_clip),
-                "video_index": index.repeat_interleave(views_per_clip)}
+                "video_index": index.repeat_interleave(views_per_clip),
+                "name": [name for name in feed.names for _ in range(views_per_clip)],
+                "start_frame": torch.tensor(starts)}

@@ -1,14 +1,15 @@
 """Option checks in one style: a table {option: (test, what it may be)} per config, and every problem of a config
-in one message. The loader's configs use it and so do the trainer's recipe sections (models/config.py checks the
-model's options the same way, with rules of its own: models import nothing from here)."""
+in one message. The loader's configs use it and so do the trainer's recipe sections and the ds_config. The model's
+options (models/config.py) follow the same rules (an integer is any Integral but a bool; a number is finite and not
+a bool) with checks of their own, since models import nothing from dali_pipes (the README's layers)."""
 
 import math
 import numbers
 
 
 def integer(low: int | None = None):
-    """An int (not a bool, not 2.0), at least `low`."""
-    return lambda v: type(v) is int and (low is None or v >= low)
+    """An integer (an int or a numpy integer; not a bool, not 2.0), at least `low`: models/config.py's rule too."""
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and (low is None or v >= low)
 
 
 def number(low: float | None = None, high: float | None = None, above: float | None = None,
@@ -28,10 +29,6 @@ def optional(test):
 
 def boolean(v) -> bool:
     return type(v) is bool
-
-
-def one_of(*choices):
-    return lambda v: v in choices
 
 
 def pair(item_test):

@@ -13,8 +13,6 @@ import numpy as np
 
 from dali_pipes.cursor import Cursor, StreamCursor
 
-KINDS = ("encoded", "decoded")  # what a part's clips hold, in batch order
-
 
 @dataclass
 class Feed:

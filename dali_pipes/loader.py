@@ -16,7 +16,6 @@ training and testing is data: the LoaderConfig's views (sampling.TrainViews / Ev
 
 import dataclasses
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from dali_pipes.feeder import Feeder
 from dali_pipes.mixture import Schedule, ShardSource, parse_data, required_single
 from dali_pipes.pipeline_pool import PipelinePool
 from dali_pipes.sampling import EvalViews, TrainViews, ViewSpec
-from dali_pipes.shard_set import ShardSet, open_shard_set
+from dali_pipes.shard_set import ShardSet, open_shard_set, summed_formats
 
 log = logging.getLogger("dali_pipes")
 
@@ -55,8 +54,8 @@ class VideoLoader:
         if not isinstance(config.views, TrainViews):
             required_single(self.sources, "testing")
         self.members = [self._member(i, source) for i, source in enumerate(self.sources)]
-        formats = sum((Counter(m.shards.formats) for m in self.members), Counter())
-        self.route = choose_route(config.decoder, dict(formats), gpu_capability(config.device))
+        formats = summed_formats(m.shards for m in self.members)
+        self.route = choose_route(config.decoder, formats, gpu_capability(config.device))
         log.info("video decoder: %s (%s)", self.route.name, self.route.why)
         if config.shuffled:
             clips = [m.shards.shuffle_fill(config.shuffle_buffer, config.world_size) for m in self.members]
@@ -96,12 +95,6 @@ class VideoLoader:
         return sum(self._set_length(m) for m in self.members)
 
     @property
-    def shards(self) -> ShardSet:
-        """The shards of a one-set loader."""
-        required_single(self.sources, "loader.shards")
-        return self.members[0].shards
-
-    @property
     def epoch(self) -> int:
         """The epoch of the next batch."""
         return self.cursor.epoch
@@ -123,6 +116,11 @@ class VideoLoader:
             yield batch
             if feed.cursor.position == 0:  # that was the epoch's last batch
                 return
+
+    def endless(self):
+        """Batch after batch across epochs, for as long as it is asked (training's stream; a benchmark's)."""
+        while True:
+            yield from self
 
     def placeholder_batch(self) -> dict:
         """A training batch of zeros in this loader's shape, dtype and device: what a rank steps on while the other
@@ -201,6 +199,6 @@ def build_eval_loader(shards_dir: str, clips: int | None = None, crops: int | No
     """Multi-view testing (EvalViews): clips temporal clips spread over each video x crops square crops along its
     long side (the short side resized to the crop size); deterministic; every video exactly once. ViewSpec and
     LoaderConfig fields as in build_pretrain_loader; a view is one clip, unflipped."""
-    spec = ViewSpec(**{"repeats": 1, "flip": False, **_view_fields(options)})
+    spec = ViewSpec(**_view_fields(options))
     counts = {name: n for name, n in (("clips", clips), ("crops", crops)) if n is not None}
     return VideoLoader(LoaderConfig(shards_dir, EvalViews(spec, **counts), split=split, **options))

@@ -7,7 +7,7 @@ augmentation, and the tests can check every number.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -207,10 +207,16 @@ def eval_boxes(height: int, width: int, num_crops: int = 3) -> list:
 
 
 def plan_eval_sample(total: int, fps: float, height: int, width: int, spec: ViewSpec, num_clips: int,
-                     num_crops: int = 3, rotation: int = 0) -> SamplePlan:
-    """num_clips temporal clips placed evenly by the spec's sampling, times num_crops spatial crops; views ordered
-    clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
-    frames, orders = _union(SAMPLINGS[spec.sampling].test(total, fps, spec, num_clips))
+                     num_crops: int = 3, rotation: int = 0, window_stride: int | None = None) -> SamplePlan:
+    """num_clips temporal clips placed evenly by the spec's sampling (or, with window_stride, a sliding window: clip
+    k starts at frame k x window_stride, frames past the end repeating the last), times num_crops spatial crops;
+    views ordered clip-major (clip 0 crop 0, clip 0 crop 1, ...)."""
+    if window_stride:
+        clips = [clip_indices(k * window_stride, spec.num_frames, spec.stride, fps, spec.target_fps, total)
+                 for k in range(num_clips)]
+    else:
+        clips = SAMPLINGS[spec.sampling].test(total, fps, spec, num_clips)
+    frames, orders = _union(clips)
     boxes = eval_boxes(*display_size(height, width, rotation), num_crops)
     return _finish(frames, [o for o in orders for _ in boxes], boxes * num_clips, [0] * (num_clips * num_crops),
                    height, width, rotation, spec.crop_size)
@@ -247,16 +253,20 @@ class EvalViews:
     """Testing: `clips` temporal clips spread over each video x `crops` square crops; deterministic, in order.
     Batches are clip-major (a video's views together) and carry each row's video index."""
 
-    spec: ViewSpec = ViewSpec(repeats=1, flip=False)
+    spec: ViewSpec = ViewSpec()  # (one unflipped view per clip and crop, whatever it says: __post_init__)
     clips: int = 7
     crops: int = 3
+    window_stride: int | None = None  # frames between the starts of `clips` sliding windows (None: spread evenly)
     layout = "clip-major"
     shuffle = False
     shared_frames = False
 
     def __post_init__(self):
-        checks.refuse("evaluation views", checks.problems(self, {name: (checks.integer(1), "an integer >= 1")
-                                                                  for name in ("clips", "crops")}))
+        checks.refuse("evaluation views", checks.problems(self, {
+            **{name: (checks.integer(1), "an integer >= 1") for name in ("clips", "crops")},
+            "window_stride": (checks.optional(checks.integer(1)), "an integer >= 1 (frames), or None")}))
+        # a test view is one clip and crop, unflipped, whatever the training views were (frozen: set it this way)
+        object.__setattr__(self, "spec", replace(self.spec, repeats=1, per_view_start=False, flip=False))
 
     @property
     def views_per_clip(self) -> int:
@@ -264,4 +274,5 @@ class EvalViews:
 
     def plan(self, meta: dict, rng: np.random.Generator) -> SamplePlan:
         return plan_eval_sample(meta["num_frames"], meta["fps_milli"] / 1000, meta["height"], meta["width"],
-                                self.spec, self.clips, self.crops, rotation=meta.get("rotation", 0))
+                                self.spec, self.clips, self.crops, rotation=meta.get("rotation", 0),
+                                window_stride=self.window_stride)

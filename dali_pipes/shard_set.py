@@ -6,6 +6,7 @@ every shard's size, so each one is checked when the set is opened, against one l
 """
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from dali_pipes.shard_format import read_manifest
@@ -56,6 +57,11 @@ def shard_damage(sizes: dict, shard: dict) -> str | None:
     if not sizes.get(shard["index"]):
         return f"{shard['index']}: missing or empty (the shard's DALI index)"
     return None
+
+
+def summed_formats(shard_sets) -> dict:
+    """{codec/pix_fmt: clips} over several sets: a mixture's loader takes one decoder route for all of them."""
+    return dict(sum((Counter(s.formats) for s in shard_sets), Counter()))
 
 
 def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> ShardSet:

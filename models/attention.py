@@ -60,9 +60,9 @@ def attention_kernels(cfg, device: torch.device, dtype: torch.dtype, mask_ratio:
     return kernels
 
 
-def describe_attention(cfg, device: torch.device, dtype: torch.dtype) -> str:
+def describe_attention(cfg, device: torch.device, dtype: torch.dtype, mask_ratio: float = 0.9) -> str:
     """One line for the training log: which attention kernel runs, per stack."""
-    kernels = attention_kernels(cfg, device, dtype)
+    kernels = attention_kernels(cfg, device, dtype, mask_ratio)
     return f"attention ({device.type}, {dtype}, attn_impl={cfg.attn_impl}): " + "; ".join(
         f"{stack} {kernel}" for stack, kernel in kernels.items())
 

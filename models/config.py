@@ -157,7 +157,12 @@ class MAEConfig(VideoViTConfig):
     def decoded_masked(self, mask_ratio: float) -> int:
         """Masked tokens the decoder reconstructs per view: all L - K at decoder_keep=1, else that share (>= 1)."""
         masked = self.num_patches - self.visible_tokens(mask_ratio)
-        return masked if self.decoder_keep == 1 else min(masked, max(1, round(masked * self.decoder_keep)))
+        return masked if self.decodes_every_token else min(masked, max(1, round(masked * self.decoder_keep)))
+
+    @property
+    def decodes_every_token(self) -> bool:
+        """No decoder masking (decoder_keep = 1): the decoder runs on all L tokens in order, as mae_st's."""
+        return self.decoder_keep == 1
 
     @property
     def frames_per_token(self) -> int:

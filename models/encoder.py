@@ -42,13 +42,16 @@ class VideoViT(nn.Module):
         pos = separable_pos_embed(self.pos_embed_spatial, self.pos_embed_temporal)  # [1, L, D]
         return self.patch_embed(videos) + pos
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N, K, D] tokens -> [N, 1+K, D]: prepend the cls token, run the blocks (no final norm)."""
+    def encode(self, tokens: torch.Tensor, every_block: bool = False):
+        """[N, K, D] tokens -> [N, 1+K, D]: prepend the cls token, run the blocks (no final norm); every_block: the
+        list of each block's output instead (what feature extraction and probes read of a frozen encoder)."""
         cls = (self.cls_token + self.pos_embed_class).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        x, outputs = torch.cat([cls, tokens], dim=1), []
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+            if every_block:
+                outputs.append(x)
+        return outputs if every_block else x

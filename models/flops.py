@@ -39,3 +39,9 @@ def classifier_macs(cfg: ClassifierConfig) -> int:
     """One view through the fine-tuned model: all tokens through the encoder, then the linear head."""
     encoder = cfg.depth * block_macs(cfg.embed_dim, 1 + cfg.num_patches, cfg.mlp_ratio)
     return patch_embed_macs(cfg) + encoder + cfg.embed_dim * cfg.num_classes
+
+
+def training_flops(macs: int) -> int:
+    """FLOPs of one training pass over what costs `macs` multiply-adds forward: 2 per multiply-add, and the backward
+    pass twice the forward (MFU's usual count, as in PaLM's appendix B)."""
+    return 3 * 2 * macs

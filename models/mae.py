@@ -154,7 +154,7 @@ class MaskedAutoencoder(VideoViT):
         n, m, num_tokens = videos.shape[0], mask_repeats, self.cfg.num_patches
         noise = _uniform_noise(noise, "noise", (n * m, num_tokens), videos.device)
         latent, mask, ids_restore = self.forward_encoder(videos, mask_ratio, noise, m)
-        if self.cfg.decoder_keep == 1:
+        if self.cfg.decodes_every_token:
             pred = self.forward_decoder(latent, ids_restore)
             return self.loss(videos, pred, mask, m), pred, mask
         k = latent.shape[1] - 1

@@ -88,7 +88,7 @@ def activation_bytes(cfg: VideoViTConfig, clips: int, views: int, mask_ratio: fl
     if not isinstance(cfg, MAEConfig):
         return inputs + stack(1 + cfg.num_patches, cfg.embed_dim, cfg.depth)
     visible, masked = cfg.visible_tokens(mask_ratio), cfg.decoded_masked(mask_ratio)
-    targets = cfg.num_patches if cfg.decoder_keep == 1 else masked  # per row; all L without decoder masking
+    targets = cfg.num_patches if cfg.decodes_every_token else masked  # per row
     # the prediction, its fp32 copy, the fp32 target and the squared error: [rows, L or Kd, P]
     loss = rows * targets * cfg.patch_dim * (bytes_per_value + 4 + 4 + 4)
     return inputs + loss + stack(1 + visible, cfg.embed_dim, cfg.depth) \

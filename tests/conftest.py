@@ -6,6 +6,7 @@ trainers, DALI pipelines and the processes it starts all size themselves from th
 workers never oversubscribe a machine. Tests marked `long` are dealt out among the workers and start first."""
 
 import os
+import random
 import pathlib
 import shutil
 import socket
@@ -31,11 +32,18 @@ def process_env(**variables) -> dict:
     return {**clean, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in variables.items()}}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing holds now (for a process group's master, a loopback server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(low: int | None = None, high: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing holds now (for a process group's master, a loopback server): the
+    kernel's choice, or one in [low, high) (a SLURM job's derived port: trainer/launchers.py JOB_PORTS)."""
+    candidates = random.Random(os.getpid()).sample(range(low, high), 50) if low is not None else [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",
@@ -169,6 +177,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 def pytest_configure(config):
     """In worker `gwI` of N: pin the process to the I-th of N equal shares of the cores (what it starts inherits it)."""
     config.addinivalue_line("markers", "long: one of the suite's longest tests (started first)")
+    config.addinivalue_line("markers", "learning: needs a long pretraining (make demo-learns; pytest -m learning)")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
     cores = sorted(os.sched_getaffinity(0))
@@ -211,10 +220,12 @@ def once_per_run(tmp_path_factory, name: str, build) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    """The README's demo data set (tools/make_demo_data.py), built once per test run: its shards folder."""
+    """The README's demo data set (tools/make_demo_data.py) with 3 / 1 / 1 clips per class in its pretrain / train /
+    val splits (and the real clips in pretrain), built once per test run: its shards folder."""
     from tools import make_demo_data
 
     def build(out):
-        assert make_demo_data.main(["--out", str(out), "--workers", str(len(os.sched_getaffinity(0)))]) == 0
+        assert make_demo_data.main(["--out", str(out), "--pretrain-per-class", "3", "--train-per-class", "1",
+                                    "--val-per-class", "1", "--workers", str(len(os.sched_getaffinity(0)))]) == 0
 
     return str(once_per_run(tmp_path_factory, "demo", build) / "shards")

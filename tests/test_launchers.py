@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import process_env
-from trainer.launchers import LaunchProblem, expand_hostlist, first_host, resolve_launch, tasks_per_node
+from conftest import free_port, process_env
+from trainer.launchers import JOB_PORTS, LaunchProblem, expand_hostlist, first_host, resolve_launch, tasks_per_node
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,11 +131,11 @@ print(f"rank {{env.rank}} of {{env.world_size}} by {{env.launcher}}: {{total.ite
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_two_processes_started_the_srun_and_the_mpirun_way_form_one_world(launcher, tmp_path):
-    port = "29831" if launcher == "srun" else "29832"
+    port = str(free_port(*JOB_PORTS))  # (srun's: the one its job id derives)
 
     def variables(rank: int) -> dict:
         if launcher == "srun":  # what srun sets in each task (no torch variables, no MASTER_*)
-            return {"SLURM_JOB_ID": str(int(port) - 20000), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+            return {"SLURM_JOB_ID": str(int(port) - JOB_PORTS[0]), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
                     "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
                     "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost"}
         return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),

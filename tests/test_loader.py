@@ -315,11 +315,20 @@ def test_eval_views_positions(tmp_path):
     assert starts == [0, 38, 77]  # 90 frames, a 13-frame clip: starts 0 .. 77, evenly
 
 
-def test_finetune_loader_with_rand_augment(vp9_shards):
-    loader = build_pretrain_loader(vp9_shards, batch_size=2, repeats=2, num_frames=4, crop_size=24, scale=(0.08, 1.0),
-                                   rand_augment=(2, 7))
-    batch = next(iter(loader))
-    assert batch["video"].shape == (4, 3, 4, 24, 24) and loader.config.views.spec.scale == (0.08, 1.0)
+def test_rand_augment_changes_each_view_alike_over_its_frames(tmp_path):
+    """Square frames, crops of the whole frame, no flips: without RandAugment two loaders give the same views, so
+    what differs with it is RandAugment's, and one view's frames get the same ops (the index blocks aside)."""
+    shards = make_shards(tmp_path, n=4, frames=40, width=48, height=48, texture="gradient")
+    fixed = dict(batch_size=4, repeats=2, num_frames=4, crop_size=48, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False,
+                 shuffle=False)
+    plain = [next(iter(build_pretrain_loader(shards, **fixed)))["video"] for _ in range(2)]
+    assert torch.equal(plain[0], plain[1])
+    augmented = next(iter(build_pretrain_loader(shards, rand_augment=(2, 9), **fixed)))["video"]
+    assert augmented.shape == plain[0].shape == (8, 3, 4, 48, 48)
+    below_blocks = (augmented - plain[0])[..., 16:, :].abs().mean(dim=(1, 3, 4))  # [views, frames]
+    assert (below_blocks.amax(dim=1) > 0.05).sum() >= 6, below_blocks  # most views changed (an op may be identity)
+    spread = below_blocks.amax(dim=1) - below_blocks.amin(dim=1)
+    assert torch.all(spread < 0.5 * below_blocks.amax(dim=1) + 1e-3), below_blocks  # frames alike in each view
 
 
 def test_each_rank_takes_its_share_of_the_node_once(monkeypatch):
@@ -433,7 +442,7 @@ def test_damaged_shards_are_named_and_can_be_left_out(tmp_path, vp9_shards, capl
     with caplog.at_level(logging.WARNING, logger="dali_pipes"):
         loader = build_pretrain_loader(str(copy), batch_size=1, repeats=1, num_frames=4, crop_size=16,
                                        skip_damaged_shards=True)
-    assert loader.shards.num_samples == 5 and "training WITHOUT 2 damaged 'train' shards (7 of 12 clips" in caplog.text
+    assert loader.members[0].shards.num_samples == 5 and "training WITHOUT 2 damaged 'train' shards (7 of 12 clips" in caplog.text
     labels = sorted(int(b["label"][0]) for b in loader)
     assert len(labels) == 5 and len(set(labels)) == 5
 
@@ -505,6 +514,7 @@ def test_the_shuffle_buffer_holds_at_most_a_ranks_part_of_the_set(tmp_path, capl
     with caplog.at_level(logging.INFO, logger="dali_pipes"):
         loader = build_pretrain_loader(shards, batch_size=2, repeats=1, num_frames=2, crop_size=16, num_threads=1,
                                        world_size=3, rank=2)
-    assert loader.shards.rank_sizes(3) == [3, 3, 4]
-    assert [loader.shards.shuffle_fill(n, 3) for n in (1024, 4, 2)] == [4, 4, 2]
+    split = loader.members[0].shards
+    assert split.rank_sizes(3) == [3, 3, 4]
+    assert [split.shuffle_fill(n, 3) for n in (1024, 4, 2)] == [4, 4, 2]
     assert "shuffle buffer: 4 clips" in caplog.text and "shuffle_buffer=1024" in caplog.text

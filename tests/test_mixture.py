@@ -156,7 +156,7 @@ def test_pretraining_on_a_mixture_killed_after_a_checkpoint_resumes_with_the_sam
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def args(out, steps):
-        return ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data",
+        return ["--ds_config", os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "tiny_PT", "--data",
                 spec(sets), "--output", str(tmp_path / out), *TINY, "checkpoint_every=2", "--max-steps", str(steps)]
 
     killed = str(tmp_path / "killed")

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_shards, once_per_run, process_env
+from conftest import free_port, make_shards, once_per_run, process_env
 from models import build_classifier, load_pretrained
 from trainer import pretrain
 from trainer.ds_config import ConfigConflict, plan_batch, read_ds_config
@@ -40,21 +40,22 @@ def ds_config(folder, stage, micro=2):
     return path
 
 
-def command(processes, config, data, output, *extra, port=29700):
+def command(processes, config, data, output, *extra, port=None):
     """The trainer on one process, or on several started by DeepSpeed's launcher (the README's)."""
-    trainer = [SCRIPT, "--ds_config", config, "--recipe", "demo_PT", "--data", data, "--output", output, *TINY, *extra]
+    trainer = [SCRIPT, "--ds_config", config, "--recipe", "tiny_PT", "--data", data, "--output", output, *TINY, *extra]
     if processes == 1:
         return [sys.executable, *trainer]
     return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(processes),
-            "--master_port", str(port), *trainer]
+            "--master_port", str(port or free_port()), *trainer]
 
 
 class Ranks:
     """2 trainer processes started as torchrun starts them, with no launcher in between (4 s sooner than DeepSpeed's
     on 2 cores), each in a session of its own that a kill ends with whatever it started."""
 
-    def __init__(self, config, data, output, *extra, port):
+    def __init__(self, config, data, output, *extra):
         self.logs, self.procs = [], []
+        port = free_port()
         for rank in range(2):
             self.logs.append(tempfile.TemporaryFile("w+"))
             self.procs.append(subprocess.Popen(
@@ -90,7 +91,7 @@ def losses(output):
 def in_process(config, data, output, *extra) -> None:
     """The trainer of `command(1, ...)`, run in this process (a process start costs about 5 s here); it prints to the
     test's captured stdout."""
-    assert pretrain.main(pretrain.Pretraining, ["--ds_config", config, "--recipe", "demo_PT", "--data", data,
+    assert pretrain.main(pretrain.Pretraining, ["--ds_config", config, "--recipe", "tiny_PT", "--data", data,
                                                 "--output", output, *TINY, *extra]) == 0
 
 
@@ -110,7 +111,7 @@ def test_one_process_learns_and_writes_everything(shards, tmp_path, capsys):
     for tag in ("loss", "lr", "grad_norm", "clips_per_s", "data_wait_share", "mfu", "memory_gb", "skipped_videos"):
         assert f"train/{tag}" in events.Tags()["scalars"], tag
     assert events.Tags()["images"] == ["reconstruction"]
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 61, 5))  # demo_PT: log_every 5
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 61, 5))  # tiny_PT: log_every 5
     assert os.path.exists(os.path.join(out, "pictures", "reconstruction_step00000060.png"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["clips_per_step"] == 4 and config["lr"] == pytest.approx(0.05 * 4 / 256)
@@ -130,8 +131,7 @@ def reference_losses(shards, tmp_path_factory):
     rel 2e-7 in fp32 (measured: the same sums of the same 2 gradients), so the ZeRO-3 kill and the ZeRO-2 preemption
     are each held to this one run, within the tests' rel 1e-6."""
     def build(folder):
-        Ranks(ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=0",
-              port=29712).finish()
+        Ranks(ds_config(folder, 2), shards, str(folder / "run"), "--max-steps", "10", "checkpoint_every=0").finish()
 
     return losses(str(once_per_run(tmp_path_factory, "reference", build) / "run"))
 
@@ -144,7 +144,7 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
     config = ds_config(tmp_path, stage)
     killed = str(tmp_path / "killed")
     args = (config, shards, killed, "--max-steps", "10", "checkpoint_every=2")
-    ranks = Ranks(*args, port=29720 + stage)
+    ranks = Ranks(*args)
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 180
     while time.time() < deadline and not (os.path.exists(latest) and open(latest).read() >= "step00000004"):
@@ -152,7 +152,7 @@ def test_kill_and_resume_continues_with_the_same_losses(shards, tmp_path, refere
     ranks.kill()
     assert not os.path.exists(os.path.join(killed, "export")), "the kill should land before the end"
     resumed_from = open(latest).read()
-    text = Ranks(*args, port=29724 + stage).finish()
+    text = Ranks(*args).finish()
     assert f"resumed from {resumed_from}" in text
     expected, got = reference_losses, losses(killed)
     assert sorted(got) == list(range(1, 11))
@@ -208,7 +208,7 @@ def test_a_job_signalled_under_its_launcher_checkpoints_exits_75_and_resumes_wit
     them); torchrun checkpointed but exited 1. Under it: one checkpoint on the step all ranks agree on,
     preempted.json, the job's exit code 75, and a requeued job that goes on with the losses of a run never
     stopped."""
-    out, port = str(tmp_path / "preempted"), 29731 if launcher == "deepspeed" else 29733
+    out, port = str(tmp_path / "preempted"), free_port()
     trainer = command(1, ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0")[1:]
     prefix = {"deepspeed": [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
                             "--master_port", str(port)],
@@ -228,8 +228,7 @@ def test_a_job_signalled_under_its_launcher_checkpoints_exits_75_and_resumes_wit
     assert text.count(f"stopped by SIGTERM at step {stopped}") == 1  # (the launcher's own SIGTERM changed nothing)
     assert open(os.path.join(out, "checkpoints", "latest")).read() == marker["checkpoint"]
     # the requeued job (its ranks started directly: the launcher's part is proven above)
-    port += 1
-    text = Ranks(ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0", port=port).finish()
+    text = Ranks(ds_config(tmp_path, 2), shards, out, "--max-steps", "10", "checkpoint_every=0").finish()
     assert f"resumed from {marker['checkpoint']}" in text and not os.path.exists(os.path.join(out, "preempted.json"))
     expected, got = reference_losses, losses(out)
     assert sorted(got) == list(range(1, 11))
@@ -263,12 +262,13 @@ def test_a_store_failing_on_one_rank_ends_every_rank_with_exit_code_4(shards, tm
     their timeout (then died on it): the job's code was not 4. It now steps on a placeholder batch until every rank
     has read the failure with a step's numbers; all exit 4, nothing checkpointed after the failure."""
     out = str(tmp_path / "run")
-    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT", "--data", shards, "--output", out, *TINY,
             "checkpoint_every=2", "--max-steps", "10"]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", STORE_FAILS_ON_RANK_1.format(root=ROOT), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=process_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
-                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=29741)) for r in range(2)]
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [4, 4], outputs[0][-3000:] + outputs[1][-3000:]
     assert "stopped answering: batch 3 of epoch 0" in outputs[1]
@@ -292,7 +292,7 @@ def test_guard_stops_on_a_nan_and_keeps_the_last_good_checkpoint(shards, tmp_pat
     monkeypatch.setattr(pretrain.Pretraining, "loss", _nan_at_step_3)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "run")
-    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT", "--data", shards, "--output", out, *TINY,
             "checkpoint_every=1", "--max-steps", "6"]
     assert pretrain.main(pretrain.Pretraining, args) == 3
     assert "stopping at step 3: the loss is nan" in caplog.text
@@ -321,7 +321,7 @@ def _jump_at_step_4(self, engine, batch):
 def test_a_resumed_run_is_guarded_from_its_first_step(shards, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "run")
-    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT", "--data", shards, "--output", out, *TINY,
             "checkpoint_every=1", "explosion_factor=2.0", "blr=1e-4"]
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "3"]) == 0
     saved = torch.load(os.path.join(out, "checkpoints", "step00000003", "rank00000.pt"), weights_only=False)
@@ -339,7 +339,7 @@ def test_a_restart_with_other_overrides_says_what_changed_and_refuses_what_break
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "run")
-    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--data", shards, "--output", out, *TINY,
+    args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT", "--data", shards, "--output", out, *TINY,
             "image_every=0"]
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "2"]) == 0
     with pytest.raises(ValueError) as err:
@@ -375,7 +375,7 @@ def test_a_resume_on_other_data_is_refused_unless_allowed_and_then_reads_it_from
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "run")
-    common = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT", "--output", out, *TINY, "image_every=0"]
+    common = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT", "--output", out, *TINY, "image_every=0"]
     assert pretrain.main(pretrain.Pretraining, [*common, "--data", shards, "--max-steps", "2"]) == 0
     other = make_shards(tmp_path / "other", n=4, frames=20)
     moved = shutil.copytree(shards, tmp_path / "moved")
@@ -402,7 +402,7 @@ def test_overrides_take_the_fields_declared_types():
         2.5, 0.01, None, None)
     assert recipe.optim.betas == (0.9, 0.99) and recipe.run.seed == 3
     with pytest.raises(ValueError) as err:
-        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=2.5", "epochs=many", "nope=1"])
+        resolve_recipe(PRETRAIN_RECIPES, "tiny_PT", ["repeats=2.5", "epochs=many", "nope=1"])
     message = str(err.value)  # every bad override at once
     assert "repeats='2.5' (must be int)" in message and "epochs='many' (must be float)" in message
     assert "unknown recipe field 'nope'" in message
@@ -443,11 +443,16 @@ def test_the_recipes_global_batch_fits_any_number_of_processes_by_accumulation()
 
 def test_shipped_ds_configs_fit_the_recipes_on_any_world_they_divide():
     for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu"):
-        recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_H_16x4_MAE_PT" if name != "cpu" else "demo_PT", [])
+        recipe = resolve_recipe(PRETRAIN_RECIPES, "k400_VIT_H_16x4_MAE_PT" if name != "cpu" else "tiny_PT", [])
         config = read_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json"), recipe)
         for world in (1, 8, 16, 64):  # one GPU, one node, two nodes (the README's launchers), the paper's 64
             plan = plan_batch(recipe.optim.batch_size, config.micro_batch, world, config.accumulation)
-            assert plan.clips_per_step == (recipe.optim.batch_size or config.micro_batch * config.accumulation * world)
+            settings = config.for_deepspeed(recipe, plan)
+            # what DeepSpeed checks at start (runtime/config.py _batch_assertion), and the recipe's global batch
+            micro, accumulation = settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]
+            assert micro == config.micro_batch and accumulation >= 1, (name, world)
+            expected = recipe.optim.batch_size or config.micro_batch * (config.accumulation or 1) * world
+            assert micro * accumulation * world == expected, (name, world, micro, accumulation)
 
 
 def test_recipe_overrides_and_schedule():
@@ -457,13 +462,13 @@ def test_recipe_overrides_and_schedule():
                                                                                                   (0.9, 0.99))
     assert recipe.model.options == {"norm_pix_loss": True, "drop_path_rate": 0.1}
     with pytest.raises(ValueError, match="unknown recipe field 'lr_peak'"):
-        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr_peak=1"])
+        resolve_recipe(PRETRAIN_RECIPES, "tiny_PT", ["lr_peak=1"])
     with pytest.raises(ValueError, match="unknown recipe field 'bl'; did you mean blr\\?"):
-        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["bl=1e-3"])
+        resolve_recipe(PRETRAIN_RECIPES, "tiny_PT", ["bl=1e-3"])
     with pytest.raises(ValueError, match="lr = blr x clips per optimizer step / 256 .* set blr="):
-        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["lr=1e-3"])
+        resolve_recipe(PRETRAIN_RECIPES, "tiny_PT", ["lr=1e-3"])
     with pytest.raises(ValueError, match=r"repeats='two' \(must be int\)"):
-        resolve_recipe(PRETRAIN_RECIPES, "demo_PT", ["repeats=two"])
+        resolve_recipe(PRETRAIN_RECIPES, "tiny_PT", ["repeats=two"])
     assert [round(warmup_cosine(s, 10, 110, 0.0), 3) for s in (0, 5, 10, 60, 110)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
 
@@ -476,7 +481,7 @@ def test_every_shipped_ds_config_trains_checkpoints_resumes_and_exports(shards, 
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    args = ["--ds_config", os.path.join(ROOT, "ds_configs", f"{name}.json"), "--recipe", "demo_PT", "--data", shards,
+    args = ["--ds_config", os.path.join(ROOT, "ds_configs", f"{name}.json"), "--recipe", "tiny_PT", "--data", shards,
             "--output", str(out), *TINY, "image_every=0", "checkpoint_every=1", "log_every=0"]
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "1"]) == 0
     assert pretrain.main(pretrain.Pretraining, [*args, "--max-steps", "2"]) == 0  # resumed from step 1
@@ -499,7 +504,7 @@ def test_decoder_masking_trains_and_resumes_with_the_same_losses(shards, tmp_pat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def train(out, steps):
-        args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "demo_PT_DM50", "--data", shards, "--output",
+        args = ["--ds_config", ds_config(tmp_path, 2), "--recipe", "tiny_PT_DM50", "--data", shards, "--output",
                 str(tmp_path / out), *TINY, "image_every=0", "checkpoint_every=2", "log_every=0", "--max-steps", steps]
         assert pretrain.main(pretrain.Pretraining, args) == 0
 
@@ -514,7 +519,7 @@ def test_decoder_masking_trains_and_resumes_with_the_same_losses(shards, tmp_pat
     # scored afterwards over every masked token: the decoder at keep 1, the run's weights
     from tools import reconstruction_loss
 
-    assert reconstruction_loss.main(["--recipe", "demo_PT_DM50", "--data", shards, "--checkpoint",
+    assert reconstruction_loss.main(["--recipe", "tiny_PT_DM50", "--data", shards, "--checkpoint",
                                      str(tmp_path / "whole"), "--split", "train", *TINY]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert "(8 videos of train, 16 views, 464 masked tokens" in line, line  # 16 x 29: 4 x 4 x 2 tokens, 3 visible
@@ -547,9 +552,10 @@ def test_ranks_wait_for_the_universal_conversion_outside_any_collective(tmp_path
     step.mkdir(parents=True)
     (step / "meta.json").write_text(json.dumps({"step": 4, "world_size": 3}))
     (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", SLOW_CONVERSION.format(root=ROOT), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=process_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29861))
+                              env=process_env(RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in range(2)]
     for out, err in (p.communicate(timeout=60) for p in procs):
         assert "plan step00000004_universal True" in out, err[-2000:]

@@ -106,7 +106,7 @@ def ds_config(folder):
 
 def train(data, folder, *extra):
     out = str(folder / "run")
-    code = pretrain.main(pretrain.Pretraining, ["--ds_config", ds_config(folder), "--recipe", "demo_PT", "--data",
+    code = pretrain.main(pretrain.Pretraining, ["--ds_config", ds_config(folder), "--recipe", "tiny_PT", "--data",
                                                 data, "--output", out, *TINY, *extra])
     return code, out
 
@@ -387,7 +387,7 @@ def test_the_preflight_checks_the_store_and_measures_one_stream(store, tmp_path,
     bad = check_store(f"s3://{BUCKET}/noindex", "train")
     assert bad.status == "FAIL" and "train-000001.idx: missing" in bad.summary
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # reported as the store's, not the recipe's
-    assert preflight.main(["--data", f"s3://{BUCKET}/set", "--recipe", "demo_PT", "--ds_config",
+    assert preflight.main(["--data", f"s3://{BUCKET}/set", "--recipe", "tiny_PT", "--ds_config",
                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(tmp_path / "run")]) == 1
     report = capsys.readouterr().out
     assert "FAIL  shard store" in report and "refused the credentials" in report and "FAIL  recipe" not in report

@@ -4,14 +4,12 @@ options refused before anything starts, and no start that hangs on a dead builde
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import make_shards, once_per_run, process_env
 from trainer import host_readback, pretrain
-from trainer.build_locks import remove_stale_build_locks
 from trainer.cli import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +55,7 @@ def test_the_step_loop_reads_no_device_value_per_micro_step(shards, tmp_path, mo
 
     monkeypatch.setattr(host_readback.HostReadback, "__init__", counted_init)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--ds_config", ds_config(tmp_path, accumulation=2), "--recipe", "demo_PT", "--data", shards, "--output",
+    args = ["--ds_config", ds_config(tmp_path, accumulation=2), "--recipe", "tiny_PT", "--data", shards, "--output",
             str(tmp_path / "run"), *TINY, "--max-steps", "4", "log_every=0", "image_every=0", "checkpoint_every=0"]
     assert pretrain.main(pretrain.Pretraining, args) == 0
     assert reads == [], reads  # today's loop read the loss twice per micro-step
@@ -67,7 +65,7 @@ def test_the_step_loop_reads_no_device_value_per_micro_step(shards, tmp_path, mo
 def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output", str(out), *TINY,
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "tiny_PT", "--data", shards, "--output", str(out), *TINY,
             "--max-steps", "5", "log_every=0", "image_every=0", "checkpoint_every=0"]
     assert pretrain.main(pretrain.Pretraining, args) == 0
     assert [n for n in os.listdir(out / "checkpoints") if n.startswith("step")] == ["step00000005"]  # the end only
@@ -95,7 +93,7 @@ def test_every_every_option_is_off_at_zero(shards, tmp_path, monkeypatch):
 ])
 def test_bad_options_are_refused_before_anything_starts(shards, tmp_path, override, named):
     """prepare() is everything the trainer does before starting a process group, DeepSpeed or DALI."""
-    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output",
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "tiny_PT", "--data", shards, "--output",
             str(tmp_path / "run"), override]
     with pytest.raises((ValueError, TypeError), match=named):
         prepare(pretrain.Pretraining, args)
@@ -104,7 +102,7 @@ def test_bad_options_are_refused_before_anything_starts(shards, tmp_path, overri
 
 def test_every_bad_option_is_named_in_one_message(shards, tmp_path):
     """model.depth=-1 repeats=0 decoder=nvdec named repeats and decoder; depth came on the next try."""
-    args = ["--ds_config", ds_config(tmp_path), "--recipe", "demo_PT", "--data", shards, "--output",
+    args = ["--ds_config", ds_config(tmp_path), "--recipe", "tiny_PT", "--data", shards, "--output",
             str(tmp_path / "run"), "model.depth=-1", "repeats=0", "decoder=nvdec"]
     with pytest.raises(ValueError) as err:
         prepare(pretrain.Pretraining, args)
@@ -112,35 +110,8 @@ def test_every_bad_option_is_named_in_one_message(shards, tmp_path):
         assert named in str(err.value), named
 
 
-def test_a_dead_builders_lock_is_removed_and_a_live_ones_kept(tmp_path):
-    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "some_op" / "lock"
-    for lock in (stale, live):
-        lock.parent.mkdir()
-        lock.write_text("")
-    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(live)!r}); import time; time.sleep(60)"])
-    try:
-        time.sleep(0.5)  # (the holder has opened it)
-        assert remove_stale_build_locks(str(tmp_path)) == [str(stale)]
-        assert not stale.exists() and live.exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
-def test_a_start_after_one_killed_while_building_neither_hangs_nor_builds(shards, tmp_path):
-    """A Ctrl-C during DeepSpeed's first build left its lock behind, and every later start waited on it, silently.
-    Now the lock is removed with a warning, and the CPU shared-memory op, which training never uses, is not built."""
-    extensions = tmp_path / "extensions"
-    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
-    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config", ds_config(tmp_path), "--recipe",
-         "demo_PT", "--data", shards, "--output", str(tmp_path / "run"), *TINY, "--max-steps", "2"],
-        capture_output=True, text=True, timeout=240,
-        env=process_env(TORCH_EXTENSIONS_DIR=extensions))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "removed a stale build lock" in result.stdout + result.stderr
-    assert os.listdir(extensions / "deepspeed_shm_comm") == []  # nothing was built
 
 
 def test_the_shipped_zero2_config_reads_the_host_once_per_step_not_three_times(monkeypatch):
@@ -182,3 +153,19 @@ def test_the_shipped_zero2_config_reads_the_host_once_per_step_not_three_times(m
 
     assert reads_per_step(check=False) == 1  # the norm's test while clipping (stage_1_and_2.py)
     assert reads_per_step(check=True) == 3
+
+
+def test_a_start_after_one_killed_while_building_neither_hangs_nor_builds(shards, tmp_path):
+    """A Ctrl-C during DeepSpeed's first build left its lock behind, and every later start waited on it, silently.
+    Now the lock is removed with a warning, and the CPU shared-memory op, which training never uses, is not built."""
+    extensions = tmp_path / "extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").write_text("")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config", ds_config(tmp_path), "--recipe",
+         "tiny_PT", "--data", shards, "--output", str(tmp_path / "run"), *TINY, "--max-steps", "2"],
+        capture_output=True, text=True, timeout=240,
+        env=process_env(TORCH_EXTENSIONS_DIR=extensions))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "removed a stale build lock" in result.stdout + result.stderr
+    assert os.listdir(extensions / "deepspeed_shm_comm") == []  # nothing was built

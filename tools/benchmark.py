@@ -51,7 +51,7 @@ from tools.bench.sharing import e2e_trainer, share  # noqa: E402
 PRESETS = {
     # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 5 minutes
     "small": dict(batch_size=4, num_frames=16, sampling="stride", stride=4, crop_size=112, batches=12, warmup=4,
-                  rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="demo_PT", e2e_steps=10,
+                  rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="tiny_PT", e2e_steps=10,
                   e2e_ds_config="ds_configs/cpu.json", e2e_overrides="", share_steps=60),
     # full: a GPU node and Kinetics shards
     "full": dict(batch_size=8, num_frames=16, sampling="stride", stride=4, crop_size=224, batches=20, warmup=4,
@@ -380,9 +380,9 @@ def main(argv=None) -> int:
     for make_group, parts in MODES[args.mode]:
         rows += take_turns(lambda: make_group(cfg, parts), cfg["rounds"])
     if args.mode == "share":
-        trainer = e2e_trainer(cfg, cfg["e2e_recipe"], os.path.join(ROOT, cfg["e2e_ds_config"]),
+        command = e2e_trainer(cfg, cfg["e2e_recipe"], os.path.join(ROOT, cfg["e2e_ds_config"]),
                               cfg["e2e_overrides"].split())
-        rows, found = share(cfg, trainer, cfg["rounds"])
+        rows, found = share(cfg, command, cfg["rounds"])
     after = load()
     found, costs = {**found, **ratios(rows, cfg)}, stage_costs(rows)
     print_report(rows, found, costs)

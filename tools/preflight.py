@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,85 +95,119 @@ def gather_reports(ranks, rank: int, own: list, folder: str, wait: float = 10.0)
     return [found.get(r) for r in range(ranks.world_size)]
 
 
+class Stopped(Exception):
+    """The preflight cannot go on: the check that says why, and the report's header."""
+
+    def __init__(self, check: Check, header: str, report_to: str | None = None):
+        super().__init__(header)
+        self.check, self.header, self.report_to = check, header, report_to
+
+
+def configure(args):
+    """(task, model config, the sets of --data) as the trainer resolves them: what it refuses before starting
+    anything refuses the preflight too (a store's refusal is the shard store's FAIL)."""
+    from dali_pipes.mixture import parse_data
+    from dali_pipes.shard_store import StoreRefused
+    from tools.checks import store
+    from trainer.cli import resolve
+
+    header = "preflight stopped before starting any process"
+    try:
+        task, model_cfg = resolve(task_for(args.recipe), argparse.Namespace(**vars(args), eval_only=False))
+        return task, model_cfg, parse_data(args.data, task.recipe.loading.mixture)
+    except StoreRefused as err:  # (the manifest is read with the recipe: a credential, a bucket, a missing set)
+        raise Stopped(Check("shard store", FAIL, str(err), store.FIX), header) from None
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise Stopped(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"), header,
+                      os.path.join(args.output, "preflight.json") if os.path.isdir(args.output) else None) from None
+
+
+def start_processes(args):
+    """This process in the job (trainer/engine.py), NCCL's failures raised where they happen and logged."""
+    from tools.checks import environment
+    from trainer.engine import init_distributed
+
+    os.makedirs(args.output, exist_ok=True)
+    nccl_log = environment.log_nccl_to(os.path.join(args.output, "nccl"))
+    environment.nccl_errors_raise()
+    try:
+        return init_distributed(timeout=args.timeout), nccl_log
+    except Exception as err:  # an incomplete launch, or a network that does not answer within the timeout
+        first = (str(err).strip().splitlines() or [""])[0][:600]
+        raise Stopped(Check("distributed start", FAIL, f"{type(err).__name__}: {first}",
+                            "every process of the job must start and reach MASTER_ADDR:MASTER_PORT (see the "
+                            "README's launcher table); NCCL_DEBUG=INFO shows the network NCCL tries"),
+                      "preflight stopped: this process could not join the job") from None
+
+
+def check_decoding(recipe, sources, env) -> tuple[list, object]:
+    """(the decoder checks, the route the loader takes for every set of --data, or None if there is none)."""
+    from dali_pipes.decoders import choose_route, gpu_capability
+    from dali_pipes.shard_format import read_manifest
+    from dali_pipes.shard_set import open_shard_set, summed_formats
+    from tools.checks import decoding
+
+    try:
+        formats = summed_formats(open_shard_set(s.location, recipe.loading.split, recipe.loading.skip_damaged_shards)
+                                 for s in sources)
+        route = choose_route(recipe.loading.decoder, formats, gpu_capability(env.device))
+        split = read_manifest(sources[0].location)["splits"].get(recipe.loading.split, {})
+        return decoding.check_decoders(route, formats, env.device, decoding.shards_frame(split)), route
+    except (ValueError, FileNotFoundError) as err:
+        return [Check("decoders", FAIL, str(err), "choose another decoder=, or rebuild the shards")], None
+
+
+def check_model(args, task, model_cfg, env) -> tuple[list, object]:
+    """(the ds_config, attention and memory checks, the run's batch plan or None)."""
+    from tools.checks import model
+    from trainer.data import pixels_median
+    from trainer.ds_config import plan_batch, read_ds_config
+
+    recipe = task.recipe
+    try:
+        ds_config = read_ds_config(args.ds_config, recipe)
+        batch = plan_batch(recipe.optim.batch_size, ds_config.micro_batch, env.world_size, ds_config.accumulation)
+    except ValueError as err:
+        return [Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config or the recipe as it "
+                      "says")], None
+    pixels = pixels_median(args.data, recipe.loading)
+    masking = getattr(recipe, "masking", None)  # (pretraining's: the encoder sees the visible tokens)
+    return [guarded("attention", model.check_attention, model_cfg, env.device, ds_config.dtype,
+                    masking.mask_ratio if masking else 0.9),
+            guarded("memory", model.check_memory, model_cfg, recipe, ds_config, batch, env.device,
+                    task.views_per_clip(), pixels)], (ds_config, batch)
+
+
 def main(argv=None) -> int:
     import shutil
 
     import torch
 
-    from dali_pipes.decoders import choose_route, gpu_capability
-    from dali_pipes.mixture import parse_data
-    from dali_pipes.shard_format import read_manifest
-    from dali_pipes.shard_set import open_shard_set
-    from dali_pipes.shard_store import StoreRefused
-    from tools.checks import decoding, environment, model, store, timed_run
+    from tools.checks import decoding, environment, store, timed_run
     from tools.checks.ranks import Ranks
-    from trainer.ds_config import plan_batch, read_ds_config
-    from trainer.engine import init_distributed
-    from trainer.cli import resolve
-    from trainer.data import pixels_median
+    from trainer.setup import RunArgs
 
     args = parse_args(argv)
     results = [guarded("versions", environment.check_versions)]
-    try:  # what the trainer refuses before starting anything: nothing else can be checked without it
-        task_type = task_for(args.recipe)
-        task, model_cfg = resolve(task_type, argparse.Namespace(**vars(args), eval_only=False))
-        recipe = task.recipe
-        sources = parse_data(args.data, recipe.loading.mixture)  # a mixture: each set's store and shards checked
-    except StoreRefused as err:  # (the manifest is read with the recipe: a credential, a bucket, a missing set)
-        results.append(Check("shard store", FAIL, str(err), store.FIX))
-        return write_report(results, "preflight stopped before starting any process", None)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        results.append(Check("recipe", FAIL, str(err), "fix the recipe, its overrides or --data"))
-        return write_report(results, "preflight stopped before starting any process", os.path.join(
-            args.output, "preflight.json") if os.path.isdir(args.output) else None)
-    os.makedirs(args.output, exist_ok=True)
-    nccl_log = environment.log_nccl_to(os.path.join(args.output, "nccl"))
-    environment.nccl_errors_raise()
     try:
-        env = init_distributed(timeout=args.timeout)
-    except Exception as err:  # an incomplete launch, or a network that does not answer within the timeout
-        first = (str(err).strip().splitlines() or [""])[0][:600]
-        results.append(Check("distributed start", FAIL, f"{type(err).__name__}: {first}",
-                             "every process of the job must start and reach MASTER_ADDR:MASTER_PORT (see the README's "
-                             "launcher table); NCCL_DEBUG=INFO shows the network NCCL tries"))
-        return write_report(results, "preflight stopped: this process could not join the job", None)
-    ranks = Ranks(env.rank, env.world_size, args.timeout)
-    views = task.views_per_clip()
+        task, model_cfg, sources = configure(args)
+        env, nccl_log = start_processes(args)
+    except Stopped as stopped:
+        return write_report(results + [stopped.check], stopped.header, stopped.report_to)
+    recipe, ranks = task.recipe, Ranks(env.rank, env.world_size, args.timeout)
     results.append(guarded("shared folder", environment.check_shared_folder, args.output, env.rank, env.world_size))
     results.append(guarded("all-reduce", environment.check_network, env.device, ranks, nccl_log))
     results += [named(guarded("shard store", store.check_store, s.location, recipe.loading.split), s, sources)
                 for s in sources]
-    route = None
-    try:
-        formats = Counter()
-        for source in sources:
-            formats.update(open_shard_set(source.location, recipe.loading.split,
-                                          recipe.loading.skip_damaged_shards).formats)
-        formats = dict(formats)
-        route = choose_route(recipe.loading.decoder, formats, gpu_capability(env.device))
-        split = read_manifest(sources[0].location)["splits"].get(recipe.loading.split, {})
-        results += decoding.check_decoders(route, formats, env.device, decoding.shards_frame(split))
-    except (ValueError, FileNotFoundError) as err:
-        results.append(Check("decoders", FAIL, str(err), "choose another decoder=, or rebuild the shards"))
-    ds_config = batch = None
-    try:
-        ds_config = read_ds_config(args.ds_config, recipe)
-        batch = plan_batch(recipe.optim.batch_size, ds_config.micro_batch, env.world_size, ds_config.accumulation)
-    except ValueError as err:
-        results.append(Check("ds_config", FAIL, str(err).replace("\n", " "), "edit the ds_config or the recipe as "
-                             "it says"))
-    if batch:
-        pixels = pixels_median(args.data, recipe.loading)
-        results.append(guarded("attention", model.check_attention, model_cfg, env.device, ds_config.dtype))
-        results.append(guarded("memory", model.check_memory, model_cfg, recipe, ds_config, batch, env.device, views,
-                               pixels))
+    decoders, route = check_decoding(recipe, sources, env)
+    modelled, planned = check_model(args, task, model_cfg, env)
+    results += decoders + modelled
     # the timed run's collectives need every rank healthy: a rank that failed above would leave the others waiting
-    failing = ranks.failing(all(c.status != FAIL for c in results) and batch is not None)
-    if failing == [] and batch:
-        run_args = argparse.Namespace(ds_config=args.ds_config, recipe=args.recipe, data=args.data,
-                                      output=args.output, max_steps=None)
-        timed = guarded("timed run", timed_run.check_timed_run, task, run_args, model_cfg, env, args.steps, batch,
-                        ds_config.dtype)
+    failing = ranks.failing(all(c.status != FAIL for c in results) and planned is not None)
+    if failing == [] and planned:
+        run_args = RunArgs(args.output, args.ds_config, args.data, args.recipe)
+        timed = guarded("timed run", timed_run.check_timed_run, task, run_args, model_cfg, env, args.steps,
+                        planned[1], planned[0].dtype)
     else:
         where = "some rank did not answer" if failing is None else f"a check failed on ranks {failing[:16]}"
         timed = Check("timed run", SKIP, f"not run: {where}")
@@ -183,7 +216,8 @@ def main(argv=None) -> int:
         after_stores = 3 + len(sources)  # versions, shared folder, all-reduce, then each set's store
         results[after_stores:after_stores] = [
             named(guarded("shards", decoding.check_shards, s.location, recipe.loading.split, route, env.device,
-                          timed.figures.get("views_per_s_per_gpu"), views), s, sources) for s in sources]
+                          timed.figures.get("views_per_s_per_gpu"), task.views_per_clip()), s, sources)
+            for s in sources]
     folder = os.path.join(args.output, RANK_REPORTS)
     merged = merge(gather_reports(ranks, env.rank, [asdict(c) for c in results], folder))
     if not env.is_main:

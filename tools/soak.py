@@ -5,7 +5,7 @@
 
 1. The pretraining loader runs --epochs epochs over shards that hold a corrupt clip (so every epoch repairs a batch)
    and reports, after each epoch, the process's resident memory, open file descriptors and threads.
-2. The demo pretraining (trainer/pretrain.py, demo_PT) runs --train-steps steps in a child process whose resident
+2. A demo pretraining (trainer/pretrain.py, tiny_PT) runs --train-steps steps in a child process whose resident
    memory and descriptors are sampled every second.
 Verdict: after the warm-up resident memory may grow by less than 5%, and descriptors not at all, from the first third
 of the rest to the last third (medians). Exits 1 if either grows more. The loader's warm-up is the first quarter of
@@ -113,7 +113,7 @@ def soak_training(shards: str, steps: int, out: str) -> list[dict]:
     """The demo pretraining for `steps` steps in a child process, sampled every second (rows: each epoch's last)."""
     run_dir = os.path.join(out, "run")
     command = [sys.executable, os.path.join(ROOT, "trainer", "pretrain.py"), "--ds_config",
-               os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "demo_PT", "--data", shards, "--output",
+               os.path.join(ROOT, "ds_configs", "cpu.json"), "--recipe", "tiny_PT", "--data", shards, "--output",
                run_dir, "--max-steps", str(steps), "checkpoint_every=100", "image_every=0"]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, errors = [], []

@@ -25,8 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models import MaskedAutoencoder
 from models.checkpoints import from_ours, to_container
+from models.hub import encoder_of, save_pretrained
 from trainer.atomic_files import atomic_file, atomic_write_text
+from trainer.cadence import due
 
 log = logging.getLogger("trainer")
 
@@ -68,14 +71,10 @@ class Checkpointer:
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether a checkpoint falls on this step (the last one is written by whoever ends the run)."""
-        return bool(self.every) and step % self.every == 0 and step < last_step
+        return due(step, self.every) and step < last_step
 
     def latest(self) -> str | None:
-        path = os.path.join(self.dir, "latest")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return f.read().strip()
+        return latest_tag(self.dir)
 
     def saved_run(self) -> dict | None:
         """The meta.json of the checkpoint a start resumes from (its step, world size, ZeRO stage and the run's
@@ -86,10 +85,9 @@ class Checkpointer:
     def saved_meta(run_dir: str) -> dict | None:
         """saved_run() of the run folder `run_dir`, before any process group is started."""
         checkpoints = os.path.join(run_dir, "checkpoints")
-        if not os.path.exists(os.path.join(checkpoints, "latest")):
+        tag = latest_tag(checkpoints)
+        if tag is None:
             return None
-        with open(os.path.join(checkpoints, "latest")) as f:
-            tag = f.read().strip()
         with open(os.path.join(checkpoints, tag, "meta.json")) as f:
             return json.load(f)
 
@@ -178,9 +176,20 @@ class Checkpointer:
                 for folder in (old, f"{old}_universal"):
                     shutil.rmtree(os.path.join(self.dir, folder), ignore_errors=True)
 
-    def export_mae_st(self, tag: str, path: str, epoch: float) -> None:
-        """fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards, in mae_st's format (rank 0 only)."""
-        write_checkpoint(from_ours(fp32_weights(self.dir, tag), "mae_st"), path, "mae_st", epoch=epoch)
+    def export(self, tag: str, folder: str, name: str, model, epoch: float) -> tuple[str, str]:
+        """The fp32 weights of checkpoint `tag`, consolidated from ZeRO's shards (rank 0 only), twice: FOLDER/NAME in
+        mae_st's format (what --pretrained and the official tools read), and FOLDER/encoder (a pretraining model's
+        encoder) or FOLDER/model (a classifier), safetensors and config.json, which anyone opens with
+        models.from_pretrained. Returns both paths."""
+        weights = fp32_weights(self.dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        write_checkpoint(from_ours(weights, "mae_st"), os.path.join(folder, name), "mae_st", epoch=epoch)
+        fresh = type(model)(model.cfg)
+        fresh.load_state_dict(weights)
+        pretraining = isinstance(fresh, MaskedAutoencoder)
+        opened = os.path.join(folder, "encoder" if pretraining else "model")
+        save_pretrained(encoder_of(fresh) if pretraining else fresh, opened)
+        return os.path.join(folder, name), opened
 
 
 def place_optimizer_state(optimizer) -> None:
@@ -201,6 +210,15 @@ def place_optimizer_state(optimizer) -> None:
                     state[key] = value.to(device=param.device, dtype=param.dtype)
 
 
+def latest_tag(checkpoints: str) -> str | None:
+    """The tag the `latest` pointer of the folder `checkpoints` names: its newest whole checkpoint (None: none)."""
+    path = os.path.join(checkpoints, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
 def fp32_weights(checkpoints: str, tag: str | None = None) -> dict:
     """The whole fp32 master weights of DeepSpeed checkpoint `tag` (default: `latest`) in the folder `checkpoints`.
 
@@ -208,9 +226,7 @@ def fp32_weights(checkpoints: str, tag: str | None = None) -> dict:
     bf16 with ZeRO-1 and fp32 gradient accumulation (ds_configs/zero1_bf16.json): their optimizer state records no
     zero_stage ("... is not a zero checkpoint"). Their fp32 master weights are flat partitions laid out as ZeRO-1/2's
     (each group's parameters concatenated in order, padded at the end, cut into equal parts by rank), read here."""
-    if tag is None:
-        with open(os.path.join(checkpoints, "latest")) as f:
-            tag = f.read().strip()
+    tag = tag or latest_tag(checkpoints)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -273,7 +289,7 @@ def read_weights(source):
     folder = str(source)
     if os.path.isdir(os.path.join(folder, "checkpoints")):
         folder = os.path.join(folder, "checkpoints")
-    if os.path.exists(os.path.join(folder, "latest")):
+    if latest_tag(folder):
         return fp32_weights(folder)
     parent, tag = os.path.split(os.path.normpath(folder))
     if not os.path.exists(os.path.join(folder, "mp_rank_00_model_states.pt")):

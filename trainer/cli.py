@@ -13,6 +13,7 @@ from trainer.checkpointing import Checkpointer
 from trainer.data import data_change, data_facts, task_manifest
 from trainer.recipes import CHANGEABLE_ON_RESUME, as_saved, recipe_changes, recipe_kind, resolve_recipe
 from trainer.run import Run
+from trainer.setup import RunArgs, set_up
 from trainer.run_folder import NotShared
 from trainer.versions import VersionProblem, require_versions
 
@@ -94,7 +95,7 @@ def prepare(task_type, argv=None):
 def main(task_type, argv=None) -> int:
     try:
         task, args, model_cfg = prepare(task_type, argv)
-        run = Run(task, args, model_cfg)
+        run = Run(set_up(task, RunArgs.from_command_line(args), model_cfg))
     except (ValueError, TypeError, FileNotFoundError, VersionProblem, NotShared) as err:  # ConfigConflict too
         print(f"error: {err}", file=sys.stderr)
         return 2

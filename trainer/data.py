@@ -69,8 +69,7 @@ def loader_config(recipe, data: str, env, micro_batch: int, dtype) -> LoaderConf
 def eval_config(train: LoaderConfig, split: str, clips: int, crops: int) -> LoaderConfig:
     """The test loader beside a training one: clips x crops views of every video of `split`, in order, about as
     many views per batch as the training batch has clips."""
-    spec = dataclasses.replace(train.views.spec, repeats=1, per_view_start=False, flip=False)
-    return dataclasses.replace(train, views=EvalViews(spec, clips, crops), split=split,
+    return dataclasses.replace(train, views=EvalViews(train.views.spec, clips, crops), split=split,
                                batch_size=max(1, train.batch_size // (clips * crops)), rand_augment=None)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dali_pipes import checks
+
 log = logging.getLogger("trainer")
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce and all-gather bucket sizes, in elements
@@ -108,7 +110,7 @@ def read_ds_config(path: str, recipe) -> DsConfig:
                         "or override clip_grad=...")
     for name in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = settings.get(name, 1)
-        if type(value) is not int or value < 1:
+        if not checks.integer(1)(value):
             problems.append(f"{name} must be an integer >= 1, not {value!r}")
     if problems:
         raise ConfigConflict(f"{path} does not fit the recipe:\n  - " + "\n  - ".join(problems))

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dali_pipes import VideoLoader
 from trainer.data import eval_config
+from trainer.cadence import due
 from trainer.task import Hook
 
 log = logging.getLogger("trainer")
@@ -91,8 +92,7 @@ class Validation(Hook):
         return report
 
     def after_epoch(self, epoch: int, step: int) -> None:
-        every = self.evaluation.eval_every
-        if not every or epoch % every:
+        if not due(epoch, self.evaluation.eval_every):
             return
         report = self.test(1, 1)
         if self.monitor.enabled:

@@ -15,7 +15,7 @@ import sys
 import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
 import torch.nn.functional as F
 
-from models import VideoClassifier, classifier_macs, load_pretrained
+from models import VideoClassifier, classifier_macs, load_pretrained, training_flops
 from models.config import ClassifierConfig, resolve_config
 from trainer.batch_augment import mixup_cutmix, random_erasing
 from trainer.checkpointing import Checkpointer, read_weights
@@ -94,7 +94,7 @@ class Finetuning(Task):
         return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean(), None
 
     def flops_per_clip(self, cfg) -> float:
-        return 3 * 2 * self.views_per_clip() * classifier_macs(cfg)
+        return self.views_per_clip() * training_flops(classifier_macs(cfg))
 
     def lr_scale_of(self, model):
         depth, decay = model.cfg.depth, self.recipe.optim.layer_decay

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from dali_pipes.pipeline_pool import NVDEC_PIPELINES
 from dali_pipes.shard_format import KINETICS_FRAME
 from models.memory import GB, training_memory
 
@@ -20,7 +21,6 @@ USABLE_SHARE = 0.9  # of what is left after the reserve: the caching allocator's
 CUDA_CONTEXT = 1.0 * GB  # CUDA context, cuBLAS/cuDNN workspaces (an assumption: 0.5-1 GB per process is typical)
 NCCL_CHANNELS = 32  # an upper bound: NCCL uses up to 32 channels on NVLink/NVSwitch nodes
 NCCL_BUFFSIZE = 4 * 2**20  # NCCL's default buffer per channel, direction and peer ($NCCL_BUFFSIZE changes it)
-DECODE_LANES = 4  # views pipelines taking turns on a GPU (dali_pipes/pipeline_pool.py NVDEC_PIPELINES)
 
 
 def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = None) -> dict:
@@ -31,7 +31,7 @@ def runtime_reserve(recipe, ds, batch, views: int, frame_pixels: int | None = No
     clips, frames = batch.micro_batch, spec.num_frames * (views if spec.per_view_start else 1)
     stored = frames * (frame_pixels or KINETICS_FRAME[0] * KINETICS_FRAME[1]) * 3  # uint8 RGB frames of a clip
     view_values = views * 3 * spec.num_frames * spec.crop_size ** 2  # one clip's views
-    lanes = recipe.loading.decode_pipelines or DECODE_LANES
+    lanes = recipe.loading.decode_pipelines or NVDEC_PIPELINES
     reserve = {"cuda_context": CUDA_CONTEXT,
                # per lane, two batches' decoded frames and views (the one being made, the one being copied)
                "dali": lanes * 2 * clips * (stored + view_values * value_bytes),

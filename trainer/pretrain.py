@@ -13,13 +13,16 @@ import logging
 import sys
 
 import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
-from models import MaskedAutoencoder, checkpoint_layout, load_pretrained, pretrain_macs
+from dali_pipes.mixture import parse_data
+from dali_pipes.shard_format import read_manifest
+from models import MaskedAutoencoder, checkpoint_layout, load_pretrained, pretrain_macs, training_flops
 from models.config import MAEConfig, resolve_config
 from trainer.checkpointing import read_weights
 from trainer.cli import main
 from trainer.data import check_model_fits_views
 from trainer.recipes import PRETRAIN_RECIPES
 from trainer.task import Task
+from trainer.tracking import ProbeTracking
 from trainer.visualize import ReconstructionPictures
 
 log = logging.getLogger("trainer")
@@ -32,6 +35,15 @@ class Pretraining(Task):
     mixes_sets = True  # (labels unread)
 
     def model_config(self, manifest):
+        probing = self.recipe.probe
+        if probing.probe_every:  # fail now, not at the first probe
+            probed = read_manifest(probing.probe_data) if probing.probe_data else manifest
+            missing = sorted({probing.probe_train, probing.probe_test} - set(probed["splits"]))
+            if missing:
+                raise ValueError(f"probe_every={probing.probe_every}: the probe set "
+                                 f"({probing.probe_data or 'the first set of --data'}) has no {missing} split (it has "
+                                 f"{sorted(probed['splits'])}): set probe_train=... / probe_test=..., probe_data=..., "
+                                 "or probe_every=0")
         model = self.recipe.model
         cfg = resolve_config(MAEConfig, model.name, **model.options)
         check_model_fits_views(cfg, self.recipe.views)
@@ -52,14 +64,19 @@ class Pretraining(Task):
 
     def flops_per_clip(self, cfg) -> float:
         masking = self.recipe.masking
-        return 3 * 2 * self.views_per_clip() * pretrain_macs(cfg, masking.mask_ratio,
-                                                              mask_repeats=masking.mask_repeats)
+        return self.views_per_clip() * training_flops(pretrain_macs(cfg, masking.mask_ratio,
+                                                                    mask_repeats=masking.mask_repeats))
 
     def hooks(self, model, loader_config, monitor, last_step):
-        if not monitor.enabled:  # (pictures are rank 0's)
-            return []
-        return [ReconstructionPictures(model, monitor, self.recipe.run.image_every, last_step,
-                                       self.recipe.masking.mask_repeats)]
+        found = []
+        if monitor.enabled:  # (pictures are rank 0's)
+            found.append(ReconstructionPictures(model, monitor, self.recipe.run.image_every, last_step,
+                                                self.recipe.masking.mask_repeats))
+        probing = self.recipe.probe
+        if probing.probe_every:  # (every rank extracts its part of the probe set)
+            data = probing.probe_data or parse_data(loader_config.shards, loader_config.mixture)[0].location
+            found.append(ProbeTracking(model, loader_config, probing, data, monitor))
+        return found
 
 
 if __name__ == "__main__":

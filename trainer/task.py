@@ -3,11 +3,21 @@ decide their own timing (Hooks). Both receive what they need, not the run: a tas
 batch; a hook what it was built with, and the step or epoch that just ended."""
 
 import argparse
+import copy
+import dataclasses
+
+from dali_pipes import TrainViews
 
 
 class Hook:
     """Something done between optimizer steps (pictures, validations, probes): it says when it wants a step's batch
     and outputs, and acts after the steps and epochs it chooses."""
+
+    def begin(self, step: int) -> None:
+        """Before the run's first step (a resumed run's too): the run stands at `step`."""
+
+    def end(self, step: int) -> None:
+        """After the run's last step (the schedule's end or --max-steps; not when stopped), on every rank."""
 
     def wants_outputs(self, step: int) -> bool:
         """Whether after_step needs this step's batch and outputs (kept one step longer than usual)."""
@@ -36,6 +46,16 @@ class Task:
     def __init__(self, recipe):
         self.recipe = recipe
 
+    def measuring(self) -> "Task":
+        """This task for a tool's timed steps: checkpoints, pictures, logs, validations and probes off."""
+        off = {"run": {"checkpoint_every": 0, "image_every": 0, "log_every": 0}, "evaluation": {"eval_every": 0},
+               "probe": {"probe_every": 0}}
+        measured = copy.copy(self)
+        measured.recipe = dataclasses.replace(self.recipe, **{
+            section: dataclasses.replace(getattr(self.recipe, section), **fields)
+            for section, fields in off.items() if hasattr(self.recipe, section)})
+        return measured
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         pass
@@ -53,7 +73,7 @@ class Task:
 
     def views_per_clip(self) -> int:
         """Rows of the model's batch per decoded clip."""
-        return self.recipe.views.repeats
+        return TrainViews(self.recipe.views).views_per_clip
 
     def loss(self, model, batch: dict):
         """(scalar loss, whatever a hook may want to see of this step)."""

@@ -19,7 +19,7 @@ import re
 
 FLOORS = {"torch": "2.4", "nvidia-dali": "1.48", "deepspeed": "0.14.4", "webdataset": "0.2.86", "einops": "0.7",
           "tensorboard": "2.14", "av": "14.1", "tqdm": "4.66", "pillow": "9", "numpy": "1.24",
-          "boto3": "1.28"}
+          "boto3": "1.28", "safetensors": "0.4"}
 # DALI is published per CUDA major (nvidia-dali-cuda120, -cuda130, ...); any of them will do
 _DISTRIBUTION_PREFIX = {"nvidia-dali": "nvidia-dali-cuda"}
 

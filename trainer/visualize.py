@@ -7,6 +7,7 @@ from einops import rearrange
 
 from dali_pipes.normalization import MEAN, STD
 from models.mae import patch_statistics
+from trainer.cadence import due
 from trainer.task import Hook
 
 
@@ -39,7 +40,7 @@ class ReconstructionPictures(Hook):
         self.mask_repeats, self.latest = mask_repeats, None
 
     def wants_outputs(self, step: int) -> bool:
-        return bool(self.every) and (step % self.every == 0 or step == self.last_step)
+        return due(step, self.every) or (bool(self.every) and step == self.last_step)
 
     def after_step(self, step: int, batch: dict | None, outputs) -> None:
         if batch is not None:

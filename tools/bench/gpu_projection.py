@@ -7,7 +7,8 @@ frames decoded per clip (the clip's span plus, on average, half a keyframe inter
 """
 
 from dali_pipes.sampling import clip_span
-from models import pretrain_macs
+from dali_pipes.shard_format import KINETICS_FRAME
+from models import pretrain_macs, training_flops
 from models.config import MAEConfig, resolve_config
 from trainer.device_peak import GPU_PEAK_BF16, datasheet_peak
 
@@ -57,12 +58,12 @@ def projection(accelerator: str, mfu: float, repeats: int = 4, crop_size: int = 
                codec: str = "h264", gop: int = 16, num_frames: int = 16, stride: int = 4) -> dict:
     gpu = ACCELERATORS[accelerator]
     span, frames_per_clip = clip_span(num_frames, stride, 30.0, 30.0), frames_decoded(num_frames, stride, gop)
-    pixels = short_side * round(short_side * 4 / 3)  # Kinetics is mostly 4:3 or wider; 4:3 is the cheap case
+    pixels = short_side * round(short_side * KINETICS_FRAME[1] / KINETICS_FRAME[0])  # (mostly 4:3 or wider)
     per_engine = nvdec_clips_per_s(gpu, codec, pixels, gop, num_frames, stride)
     rows = []
     for size in ("vit_b", "vit_l", "vit_h"):
         cfg = resolve_config(MAEConfig, size, img_size=crop_size)
-        flops = 6 * pretrain_macs(cfg, 0.9)
+        flops = training_flops(pretrain_macs(cfg, 0.9))
         views = mfu * gpu["peak"] / flops
         rows.append({"model": size, "train_gflop_per_view": round(flops / 1e9, 1), "views_per_s": round(views),
                      "decoded_clips_per_s_needed": round(views / repeats),

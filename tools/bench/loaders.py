@@ -27,11 +27,6 @@ def _timed(next_batch, cfg: dict, clips_per_batch: int):
     return run_round
 
 
-def _endless(loader):
-    while True:
-        yield from loader
-
-
 def _config(cfg: dict, decoder: str, repeats: int):
     from dali_pipes import LoaderConfig, TrainViews, ViewSpec
 
@@ -47,7 +42,7 @@ def loader(cfg: dict, decoder: str, repeats: int):
 
     from dali_pipes import VideoLoader
 
-    stream = _endless(VideoLoader(_config(cfg, decoder, repeats)))
+    stream = VideoLoader(_config(cfg, decoder, repeats)).endless()
 
     def next_batch():
         video = next(stream)["video"]
@@ -179,15 +174,11 @@ def _gpu():
 
 def available_decoders(cfg: dict) -> list[str]:
     """The loader's decoders that read every clip of the shards here, the one `auto` picks first."""
-    from collections import Counter
-
     from dali_pipes.decoders import DECODERS, choose_route
     from dali_pipes.mixture import parse_data
-    from dali_pipes.shard_set import open_shard_set
+    from dali_pipes.shard_set import open_shard_set, summed_formats
 
-    # (of a mixture, every set's: the loader picks one decoder route for all of them)
-    formats = sum((Counter(open_shard_set(s.location, cfg["split"]).formats) for s in parse_data(cfg["shards"])),
-                  Counter())
+    formats = summed_formats(open_shard_set(s.location, cfg["split"]) for s in parse_data(cfg["shards"]))
     found = []
     for decoder in DECODERS:
         try:

@@ -6,7 +6,7 @@
   one moment.
 - model_parts: where the step's time goes: embedding and encoder, decoder, loss (targets included), backward,
   optimizer, each timed alone on the same batch.
-- e2e: the real trainer (trainer/run.py Run, the demo recipe by default) in this process; a round is some steps,
+- e2e: the real trainer (trainer/setup.py's set-up and its step loop) in this process; a round is some steps,
   with the share of their time spent waiting for data.
 """
 
@@ -50,12 +50,12 @@ def model_step(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: i
                decoder_keep: float = 1.0):
     import torch
 
-    from models import pretrain_macs
+    from models import pretrain_macs, training_flops
     from trainer.device_peak import measured_matmul_peak
 
     model, optimizer, videos, device, dtype = _model_and_batch(cfg, size, batch, attn_impl, fused_adamw,
                                                                decoder_keep)
-    flops_per_step = 6 * pretrain_macs(model.cfg, 0.9, mask_repeats=mask_repeats) * batch
+    flops_per_step = training_flops(pretrain_macs(model.cfg, 0.9, mask_repeats=mask_repeats)) * batch
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -128,32 +128,35 @@ def model_parts(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: 
 def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
     """The trainer on the benchmark's shards, in this process: a round is `steps` optimizer steps; `overrides`: the
     recipe's, key=value."""
+    import dataclasses
     import os
     import tempfile
 
     import numpy as np
 
-    from trainer.pretrain import Pretraining
     from trainer.cli import prepare
-    from trainer.run import Run
+    from trainer.pretrain import Pretraining
+    from trainer.setup import RunArgs, set_up
+    from trainer.step_loop import StepLoop
 
     run_dir = tempfile.mkdtemp(prefix="bench-e2e-")
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["workers"]))
     task, args, model_cfg = prepare(Pretraining, [
         "--ds_config", ds_config, "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir,
-        "checkpoint_every=0", "image_every=0", "log_every=0", f"split={cfg['split']}", *overrides])
-    run = Run(task, args, model_cfg, quiet=True)
+        f"split={cfg['split']}", *overrides])
+    run = set_up(task, dataclasses.replace(RunArgs.from_command_line(args), measuring=True), model_cfg)
+    loop = StepLoop(run)
     _KEEP_UNTIL_EXIT.append(run)
 
     def run_round() -> dict:
-        run.run_steps(run.step + 2)  # warm-up
+        loop.run(run.step + 2)  # warm-up
         start, first = time.perf_counter(), run.step
-        problem = run.run_steps(run.step + steps)
+        problem = loop.run(run.step + steps)
         if problem:
             raise RuntimeError(problem.message)
         seconds = time.perf_counter() - start
         rows = [r for r in run.monitor.history if r["step"] > first]
-        return {"seconds": seconds, "items": steps * run.batch.clips_per_step,
+        return {"seconds": seconds, "items": steps * run.plan.batch.clips_per_step,
                 "data_wait_share": float(np.median([r["data_wait_share"] for r in rows])),
                 "mfu": float(np.median([r["mfu"] for r in rows]))}
 

@@ -6,10 +6,10 @@ import torch
 from tools.checks.report import FAIL, NO_GPU, PASS, WARN, Check
 
 
-def check_attention(cfg, device: torch.device, dtype: torch.dtype) -> Check:
+def check_attention(cfg, device: torch.device, dtype: torch.dtype, mask_ratio: float = 0.9) -> Check:
     from models.attention import attention_kernels
 
-    kernels = attention_kernels(cfg, device, dtype)
+    kernels = attention_kernels(cfg, device, dtype, mask_ratio)
     summary = "; ".join(f"{stack}: {kernel}" for stack, kernel in kernels.items())
     if device.type == "cuda" and any(k.startswith("math") for k in kernels.values()):
         return Check("attention", WARN, summary + " (the math kernel materialises L x L scores: slow, memory-hungry)",

@@ -1,10 +1,10 @@
 """The preflight's last check: a short run of the real trainer on the real shards, timed (clips/s and views/s per GPU,
 MFU, the share of time waiting for data, and the loader alone), beside the GPU projection."""
 
+import dataclasses
 import os
 import shutil
 import time
-from argparse import Namespace
 
 import numpy as np
 import torch
@@ -16,11 +16,7 @@ from tools.checks.report import FAIL, NO_GPU, PASS, SKIP, WARN, Check
 
 def loader_rate(loader, batches: int, warmup: int = 2) -> float:
     """Clips/s of the loader alone (what its decoders deliver when nothing else runs)."""
-    def endless():
-        while True:
-            yield from loader
-
-    stream = endless()
+    stream = loader.endless()
     for _ in range(warmup):
         next(stream)
     start = time.perf_counter()
@@ -31,39 +27,31 @@ def loader_rate(loader, batches: int, warmup: int = 2) -> float:
     return batches * loader.config.batch_size / (time.perf_counter() - start)
 
 
-def check_timed_run(task, args: Namespace, model_cfg, env, steps: int, batch, dtype: torch.dtype) -> Check:
-    """`steps` optimizer steps of the real recipe from the real shards, through the trainer itself (its
-    checkpoints, pictures, logs and validations off)."""
-    import copy
-    import dataclasses
-
+def check_timed_run(task, run_args, model_cfg, env, steps: int, batch, dtype: torch.dtype) -> Check:
+    """`steps` optimizer steps of the real recipe from the real shards, through the trainer's own set-up and step
+    loop (trainer/setup.py, measuring: its checkpoints, pictures, logs, validations and probes off)."""
     from trainer.device_peak import measured_matmul_peak
-    from trainer.run import Run
+    from trainer.setup import set_up
+    from trainer.step_loop import StepLoop
 
     recipe = task.recipe
-    out = os.path.join(args.output, "preflight_run")
+    out = os.path.join(run_args.output, "preflight_run")
     if env.device.type != "cuda":  # would the recipe's model finish in a couple of minutes on this CPU?
         clips = steps * batch.micro_batch * batch.accumulation
         flops = task.flops_per_clip(model_cfg) * clips
         seconds = flops / (0.5 * measured_matmul_peak(env.device, dtype, seconds=0.2))
         if seconds > 120:
             return Check("timed run", SKIP, f"{NO_GPU}: {steps} steps of {recipe.model.name} in {dtype} would take "
-                         f"~{seconds / 60:.0f} min on this CPU (a CPU can time the demo recipe: --recipe demo_PT "
+                         f"~{seconds / 60:.0f} min on this CPU (a CPU can time the demo recipe: --recipe tiny_PT "
                          "--ds_config ds_configs/cpu.json)")
     if env.is_main:
         shutil.rmtree(out, ignore_errors=True)
     if env.world_size > 1:
         dist.barrier()
-    quiet = copy.copy(task)
-    quiet.recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, checkpoint_every=0, image_every=0,
-                                                                       log_every=0))
-    if hasattr(recipe, "evaluation"):
-        quiet.recipe = dataclasses.replace(quiet.recipe, evaluation=dataclasses.replace(recipe.evaluation,
-                                                                                        eval_every=0))
-    run = Run(quiet, Namespace(**{**vars(args), "output": out, "max_steps": None}), model_cfg, quiet=True)
+    run = set_up(task, dataclasses.replace(run_args, output=out, max_steps=None, measuring=True), model_cfg)
     try:
         alone = loader_rate(run.loader, batches=max(4, steps // 2))
-        problem = run.run_steps(run.step + steps)
+        problem = StepLoop(run).run(run.step + steps)
     finally:
         run.close()
     if env.world_size > 1:
