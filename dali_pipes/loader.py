@@ -117,6 +117,16 @@ class VideoLoader:
             if feed.cursor.position == 0:  # that was the epoch's last batch
                 return
 
+    def store_figures(self) -> dict:
+        """What the shard windows of its sets (dali_pipes/shard_window.py) did so far in this process: GB fetched,
+        seconds the reader waited for them, GB they hold now (all the node's ranks'); {} without a window."""
+        windows = [m.shards.window for m in self.members if m.shards.window is not None]
+        if not windows:
+            return {}
+        return {"fetched_gb": sum(w.fetched_bytes for w in windows) / 1e9,
+                "store_wait_s": sum(w.waited for w in windows),
+                "window_fill_gb": sum(w.held_bytes() for w in windows) / 1e9}
+
     def endless(self):
         """Batch after batch across epochs, for as long as it is asked (training's stream; a benchmark's)."""
         while True:

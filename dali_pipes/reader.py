@@ -9,7 +9,12 @@ On network filesystems (NFS, Lustre, GPFS) `dont_use_mmap` makes DALI read with 
 notes that most network filesystems serve memory-mapped files poorly.
 A set in an object store (s3://) is read by DALI over the network: when the store stops answering, the batch is read
 again from the cursor (a reader rebuilt from its checkpoint, so the stream goes on identically) after each of
-`retry_delays`, and then StoreUnavailable names the store and the last sample read.
+`retry_delays`, and then StoreUnavailable names the store and the last sample read. A set larger than the node cache
+is read from its shard window (dali_pipes/shard_window.py): before each batch the window holds every sample the
+reader may read next (DALI reads sequentially through the rank's part: its shuffle buffer first, then a sample per
+sample it hands out, a few batches ahead), and fetches those after them in the background. DALI reads its files
+with plain reads there, not memory maps: a sample in its shuffle buffer is then a copy, and the window can give the
+shard's blocks back once the reader has read past it.
 """
 
 import base64
@@ -64,7 +69,7 @@ class ShardReader:
                 dtypes=[types.UINT8, types.INT32, *[types.UINT8] * self.with_meta], shard_id=c.rank,
                 num_shards=c.world_size, pad_last_batch=True, random_shuffle=c.shuffled,
                 initial_fill=shards.shuffle_fill(c.shuffle_buffer, c.world_size), seed=seed, name="reader",
-                dont_use_mmap=c.dont_use_mmap,
+                dont_use_mmap=c.dont_use_mmap or shards.window is not None,  # (a window's samples: copied, not mapped)
             )
             return video, info, fn.get_property(video, key="source_info"), *meta
 
@@ -96,6 +101,8 @@ class ShardReader:
     def _run(self):
         """The next batch from DALI; from a streamed store, tried again from the cursor while the store does not
         answer (DALI's AWS SDK has already retried each request 3 times: its default retry strategy)."""
+        if self.shards.window is not None:
+            self.shards.window.ensure(*self.samples_next())
         if not self.shards.streamed:
             return self.pipe.run()
         failure = None
@@ -113,6 +120,30 @@ class ShardReader:
             f"{self.shards.location} stopped answering: batch {self.cursor.position} of epoch {self.cursor.epoch} "
             f"failed {len(self.retry_delays) + 1} times over {sum(self.retry_delays)} s; the last sample read: "
             f"{self.last_read}; DALI said: {_last_line(failure)}") from failure
+
+
+    def samples_next(self, ahead_batches: int = 4) -> tuple[list, list]:
+        """([sample ranges] the reader may read before it hands out its next batch and `ahead_batches` more (DALI's
+        prefetching: the pipeline runs prefetch_queue_depth = 2 iterations ahead, its reader loads one batch ahead
+        of those), [the ranges after them, to fetch ahead]), in the split's sample numbers. DALI reads its part (rank + reader epochs) % world of the split in order: the shuffle
+        buffer's fill, then one sample per sample it hands out."""
+        c, cursor, shards = self.config, self.cursor, self.shards
+        sizes = shards.rank_sizes(c.world_size)
+        fill = shards.shuffle_fill(c.shuffle_buffer, c.world_size) if c.shuffled else 0
+        read = cursor.position - cursor.reader_offset  # batches this reader handed out this epoch
+
+        def part(epochs_on: int, low: int, high: int) -> tuple:
+            p = (c.rank + cursor.reader_epochs + epochs_on) % c.world_size
+            start = sum(sizes[:p])
+            return start + min(sizes[p], max(0, low)), start + min(sizes[p], max(0, high))
+
+        edge = fill + (read + ahead_batches) * c.batch_size
+        read_already = 0 if read == 0 else fill + (read - 2) * c.batch_size  # (read, whatever DALI prefetched)
+        needed = [part(0, read_already, edge)]
+        ahead = [part(0, edge, edge + 4 * ahead_batches * c.batch_size)]
+        if read + ahead_batches >= self.batches_per_epoch:  # the next epoch's part, from its start
+            needed.append(part(1, 0, fill + ahead_batches * c.batch_size))
+        return needed, ahead
 
 
 def _last_line(err: Exception) -> str:

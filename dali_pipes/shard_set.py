@@ -29,6 +29,7 @@ class ShardSet:
     label_map: dict
     location: str = ""  # where the set is (a folder or a store's URL)
     streamed: bool = False  # DALI reads it from a store (s3://, not in the node cache): a silent store is retried
+    window: object = None  # dali_pipes/shard_window.py ShardWindow: a split larger than the node cache
 
     def rank_sizes(self, world_size: int) -> list[int]:
         """Samples per rank in DALI's split: rank r reads samples [r N / W, (r + 1) N / W) of the concatenation."""
@@ -92,6 +93,7 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
     kept = [shard for i, shard in enumerate(info["shards"]) if i not in damage]
     if store.lists:  # judged on the store's listing, nothing copied: now the shards that are whole
         fetch(kept)
+    window = store.open_window(kept) if hasattr(store, "open_window") else None
     samples = info["samples"]
     if damage:
         lost = sum(info["shards"][i].get("samples", 0) for i in damage)
@@ -102,4 +104,4 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
             raise DamagedShards(f"every {split!r} shard in {location} is damaged: nothing to train on")
     return ShardSet([store.dali_path(s["tar"]) for s in kept], [store.dali_path(s["index"]) for s in kept], samples,
                     sum(s.get("bytes", 0) for s in kept), info.get("formats") or info["codecs"], manifest["label_map"],
-                    location, store.streamed)
+                    location, store.streamed, window)

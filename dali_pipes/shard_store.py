@@ -7,8 +7,10 @@ A remote split is copied once into a node-local cache (NodeCache) when it fits t
 a loopback S3 store (README, "Data in object storage") DALI streaming the objects itself (its bundled AWS SDK, with
 ranged GETs) fetched 1.14x the split per epoch and the trainer waited for data 72% of the time against 5.5% from
 disk, while the cached copy costs one pass over the split, once, and then reads at disk speed. A split that does not
-fit is streamed by DALI straight from the store (docs.nvidia.com/deeplearning/dali, "Reading from S3": AWS_* from
-the environment). DALI reads nothing over http, so an http(s) split must fit the cache. Credentials come only from
+fit goes through a shard window on the node's disk (dali_pipes/shard_window.py: the shards its ranks read next,
+fetched whole ahead of the reader, given back once read); with the cache off (MAE_ST_SHARD_CACHE_GB=0) DALI streams
+it straight from the store (docs.nvidia.com/deeplearning/dali, "Reading from S3": AWS_* from the environment). DALI
+reads nothing over http, so an http(s) split must fit the cache. Credentials come only from
 the environment, never from the command line, and no message carries them.
 """
 import contextlib
@@ -102,6 +104,7 @@ class S3Store:
         self.client = boto3.session.Session(region_name=region).client("s3")
         self.cache, self.cached = NodeCache(location), set()
         self.streamed = True  # DALI reads the objects from the store (False once the split is in the node cache)
+        self.window = None  # the split's shard window, when it does not fit the cache (open_window)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -127,10 +130,17 @@ class S3Store:
                 raise StoreRefused(f"{self.location}: the store sent {', '.join(sorted(self.cache.wrong_sizes))} at "
                                    "other sizes than it listed them: is the set being published again?")
             self.cached, self.streamed = set(whole), False
-        else:
-            log.warning("%s: the split (%.1f GB) does not fit the node cache %s (%.1f GB, MAE_ST_SHARD_CACHE_GB) beside "
-                        "the splits in use: DALI streams it from the store every epoch", self.location, split,
-                        self.cache.root, self.cache.limit() / 1e9)
+        else:  # the indexes (DALI reads them all when it starts) copied; the shards through the window
+            indexes = {name: e for name, e in whole.items() if not name.endswith(".tar")}
+            if not self.cache.fill(indexes, self.open):
+                log.warning("%s: not even the split's indexes fit the node cache %s (%.3f GB, MAE_ST_SHARD_CACHE_GB) "
+                            "beside the splits in use: DALI streams the split from the store every epoch",
+                            self.location, self.cache.root, self.cache.limit() / 1e9)
+                return
+            self.cached, self.streamed = set(indexes), False
+            log.info("%s: the split (%.1f GB) does not fit the node cache %s (%.1f GB, MAE_ST_SHARD_CACHE_GB): its "
+                     "shards go through a window on this node's disk, fetched ahead of the reader", self.location,
+                     split, self.cache.root, self.cache.limit() / 1e9)
 
     def sizes(self) -> dict:
         """One paginated listing of the prefix."""
@@ -140,8 +150,20 @@ class S3Store:
                 found.update({item["Key"][start:]: item["Size"] for item in page.get("Contents", [])})
         return found
 
+    def open_window(self, shards: list):
+        """The shard window of the split's `shards` (manifest entries, in the reader's order) when they do not fit
+        the node cache (fetch decided it), else None."""
+        from dali_pipes.shard_window import ShardWindow
+
+        if self.streamed or not self.cache.enabled or all(s["tar"] in self.cached for s in shards):
+            return None
+        self.window = ShardWindow(os.path.join(self.cache.folder, "window"), shards, self.cache.room(), self.open)
+        return self.window
+
     def dali_path(self, name: str) -> str:
-        return self.cache.path(name) if name in self.cached else f"s3://{self.bucket}/{self.key(name)}"
+        if name in self.cached:
+            return self.cache.path(name)
+        return self.window.path(name) if self.window else f"s3://{self.bucket}/{self.key(name)}"
 
     def open(self, name: str):
         """A stream of the object, or None when the store has none."""
@@ -201,12 +223,19 @@ class NodeCache:
     def enabled(self) -> bool:
         return os.environ.get("MAE_ST_SHARD_CACHE_GB") not in ("0", "0.0")
 
+    def held(self) -> int:
+        """Bytes the cache holds: its splits' copies and indexes (a window's shards are not counted here)."""
+        return sum(_folder_bytes(e.path) for e in os.scandir(self.root) if e.is_dir()) if os.path.isdir(
+            self.root) else 0
+
     def limit(self) -> float:
         """Bytes the cache may hold."""
         limit = os.environ.get("MAE_ST_SHARD_CACHE_GB")
-        held = sum(_folder_bytes(e.path) for e in os.scandir(self.root) if e.is_dir()) if os.path.isdir(
-            self.root) else 0
-        return float(limit) * 1e9 if limit else shutil.disk_usage(self.root).free / 2 + held
+        return float(limit) * 1e9 if limit else shutil.disk_usage(self.root).free / 2 + self.held()
+
+    def room(self) -> float:
+        """Bytes left for a window of this location's split: the limit less what the cache holds."""
+        return max(0.0, self.limit() - self.held())
 
     def fill(self, files: dict, open_file) -> bool:
         """Copy {name: Expected} with open_file(name) (a stream, or None when the store has no such file), those

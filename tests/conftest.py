@@ -6,10 +6,8 @@ trainers, DALI pipelines and the processes it starts all size themselves from th
 workers never oversubscribe a machine. Tests marked `long` are dealt out among the workers and start first."""
 
 import os
-import random
 import pathlib
 import shutil
-import socket
 
 import trainer.openmp  # noqa: F401  (first: OpenMP reads how its threads wait when torch loads it)
 import av
@@ -18,6 +16,7 @@ import pytest
 from filelock import FileLock
 
 from tools import build_shards
+from tools.bench.loopback_store import free_port  # noqa: F401  (the tests' too)
 
 BLOCK = 8  # pixels per bit block
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -30,20 +29,6 @@ def process_env(**variables) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith(("SLURM_", "OMPI_",
                                                                                                       "PMI_", "MV2_"))}
     return {**clean, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in variables.items()}}
-
-
-def free_port(low: int | None = None, high: int | None = None) -> int:
-    """A TCP port on 127.0.0.1 that nothing holds now (for a process group's master, a loopback server): the
-    kernel's choice, or one in [low, high) (a SLURM job's derived port: trainer/launchers.py JOB_PORTS)."""
-    candidates = random.Random(os.getpid()).sample(range(low, high), 50) if low is not None else [0]
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 def indexed_frames(frames: int, width: int = 64, height: int = 48, seed: int = 0, texture: str = "noise",

@@ -326,9 +326,10 @@ def test_rand_augment_changes_each_view_alike_over_its_frames(tmp_path):
     augmented = next(iter(build_pretrain_loader(shards, rand_augment=(2, 9), **fixed)))["video"]
     assert augmented.shape == plain[0].shape == (8, 3, 4, 48, 48)
     below_blocks = (augmented - plain[0])[..., 16:, :].abs().mean(dim=(1, 3, 4))  # [views, frames]
-    assert (below_blocks.amax(dim=1) > 0.05).sum() >= 6, below_blocks  # most views changed (an op may be identity)
-    spread = below_blocks.amax(dim=1) - below_blocks.amin(dim=1)
-    assert torch.all(spread < 0.5 * below_blocks.amax(dim=1) + 1e-3), below_blocks  # frames alike in each view
+    changed = below_blocks.amax(dim=1) > 0.05
+    assert changed.sum() >= 4, below_blocks  # most views (an op drawn may change a gradient next to nothing)
+    # the same ops on every frame of a view: its frames changed alike (a shift moves the index blocks a little)
+    assert torch.all(below_blocks[changed].amin(dim=1) > 0.3 * below_blocks[changed].amax(dim=1)), below_blocks
 
 
 def test_each_rank_takes_its_share_of_the_node_once(monkeypatch):

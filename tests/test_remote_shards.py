@@ -1,28 +1,35 @@
 """Shard sets in object storage against a real S3 API on 127.0.0.1 (moto's server, behind a counting proxy): the same
 losses as on disk, the bytes one epoch fetches, refusals before the start, a store that stops answering (retries,
 StoreUnavailable, exit 4) or comes back (the identical stream), publishing with build_shards, the node cache (one
-copy, re-used, evicted, streaming when the split does not fit), and an http(s) set copied once into it. The module
-streams from the store unless a test gives the cache room (MAE_ST_SHARD_CACHE_GB=0 by default here)."""
+copy, re-used, evicted), the window of a split that does not fit (the same clips and losses as from disk, its cap,
+each shard fetched once by a node's ranks and none of another node's part, resumes on fewer processes, a store that
+stops answering), and an http(s) set copied once into the cache. The module streams from the store unless a test
+gives the cache room (MAE_ST_SHARD_CACHE_GB=0 by default here)."""
 
+import dataclasses
 import functools
 import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 
 import boto3
 import pytest
+import torch
 
-from conftest import make_shards, process_env
+from conftest import make_shards, once_per_run, process_env, write_video
+from dali_pipes import TrainViews, VideoLoader, ViewSpec
 from dali_pipes.config import LoaderConfig
 from dali_pipes.cursor import Cursor
 from dali_pipes.reader import ShardReader
+from dali_pipes.shard_format import read_manifest
 from dali_pipes.shard_set import open_shard_set
 from dali_pipes.shard_store import Expected, NodeCache, S3Store, StoreRefused, StoreUnavailable
-from loopback_store import CountingProxy, MotoServer
+from tools.bench.loopback_store import LoopbackStore
 from tools import build_shards
 from trainer import pretrain
 
@@ -33,6 +40,18 @@ TINY = ["crop_size=32", "model.img_size=32", "num_frames=4", "model.num_frames=4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def big_shards(folder) -> str:
+    """26 clips in 13 shards of 2 (the window tests' set: a cap of a few shards is a small part of it; two ranks'
+    parts of 13 share shard 6)."""
+    for i in range(26):
+        os.makedirs(folder / "videos" / f"c{i % 4}", exist_ok=True)
+        write_video(folder / "videos" / f"c{i % 4}" / f"{i}.webm", frames=24, codec="libvpx-vp9", seed=i)
+    out = folder / "shards"
+    assert build_shards.main(["--root", str(folder / "videos"), "--out", str(out), "--split", "train", "--codec",
+                              "copy", "--max-per-shard", "2", "--min-frames", "2", "--workers", "1"]) == 0
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def loopback_store(tmp_path_factory):
     """(proxy, the local shards folder, the user's key): moto's server with a user, a bucket with the set under set/,
@@ -40,46 +59,26 @@ def loopback_store(tmp_path_factory):
     gives it, so a second server (a module's fixture made again after pytest-xdist moved on and came back) would be
     unreachable for DALI."""
     shards = make_shards(tmp_path_factory.mktemp("remote"), n=8, frames=40)
-    server = MotoServer()
-    proxy = None
+    loopback = LoopbackStore(BUCKET)
     try:
-        proxy = CountingProxy(server.port)
-        iam = boto3.session.Session().client("iam", endpoint_url=f"http://127.0.0.1:{server.port}",
-                                             region_name="us-east-1", aws_access_key_id="bootstrap",
-                                             aws_secret_access_key="bootstrap")
-        iam.create_user(UserName="trainer")
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        s3 = boto3.session.Session(region_name="us-east-1").client(
-            "s3", endpoint_url=proxy.url, aws_access_key_id=key["AccessKeyId"],
-            aws_secret_access_key=key["SecretAccessKey"])
-        s3.create_bucket(Bucket=BUCKET)
-        for name in os.listdir(shards):
-            if os.path.isfile(os.path.join(shards, name)):
-                s3.upload_file(os.path.join(shards, name), BUCKET, f"set/{name}")
-                if not name.endswith("000001.idx"):  # a copy of the set that lacks one index
-                    s3.upload_file(os.path.join(shards, name), BUCKET, f"noindex/{name}")
-        yield proxy, shards, key
+        loopback.upload(shards, "set")
+        loopback.upload(shards, "noindex", skip=lambda name: name.endswith("000001.idx"))  # a set lacking an index
+        yield loopback.proxy, shards, loopback
     finally:
-        if proxy:
-            proxy.stop()
-        server.stop()
+        loopback.stop()
 
 
 @pytest.fixture(scope="module")
 def store(loopback_store, tmp_path_factory):
     """(proxy, the local shards folder), the environment pointing at them (endpoint, the user's key, the node cache)
     for this module's tests."""
-    proxy, shards, key = loopback_store
+    proxy, shards, loopback = loopback_store
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                                             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED",
                                             "MAE_ST_SHARD_CACHE", "MAE_ST_SHARD_CACHE_GB")}
     try:
-        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"],
-                          AWS_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.url,
-                          AWS_EC2_METADATA_DISABLED="true",  # nothing beyond 127.0.0.1
-                          MAE_ST_SHARD_CACHE=str(tmp_path_factory.mktemp("cache")), MAE_ST_SHARD_CACHE_GB="0")
+        os.environ.update(**loopback.env(proxy), MAE_ST_SHARD_CACHE=str(tmp_path_factory.mktemp("cache")),
+                          MAE_ST_SHARD_CACHE_GB="0")
         os.environ.pop("AWS_DEFAULT_REGION", None)
         yield proxy, shards
     finally:
@@ -251,7 +250,7 @@ def test_a_split_that_fits_the_node_cache_is_copied_once_and_read_from_there(sto
     assert again.shards.tars == reader.shards.tars and proxy.bytes_served < 10_000  # the manifest and a listing
 
 
-def test_the_node_cache_evicts_the_split_used_longest_ago_and_streams_what_cannot_fit(store, tmp_path, monkeypatch):
+def test_the_node_cache_evicts_the_split_used_longest_ago_and_windows_what_cannot_fit(store, tmp_path, monkeypatch):
     _, shards = store
     split = json.load(open(os.path.join(shards, "manifest.json")))["splits"]["train"]
     index_bytes = sum(os.path.getsize(os.path.join(shards, s["index"])) for s in split["shards"])
@@ -261,14 +260,14 @@ def test_the_node_cache_evicts_the_split_used_longest_ago_and_streams_what_canno
     folder = os.path.dirname(first.tars[0])
     os.utime(folder, (1, 1))  # used long ago
     second = open_shard_set(f"s3://{BUCKET}/noindex", "train", skip_damaged=True)
-    assert second.streamed and os.path.exists(first.tars[0])  # this process holds the first: it stays
+    assert second.window is not None and os.path.exists(first.tars[0])  # this process holds the first: it stays
     (lease,) = [name for name in os.listdir(folder) if name.startswith(".in_use.")]
     os.rename(os.path.join(folder, lease), os.path.join(folder, ".in_use.999999999"))  # as if its process had ended
     second = open_shard_set(f"s3://{BUCKET}/noindex", "train", skip_damaged=True)
-    assert not second.streamed and not os.path.exists(first.tars[0])  # the first split made room for the second
+    assert second.window is None and not os.path.exists(first.tars[0])  # the first split made room for the second
     monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", str(0.5 * split["bytes"] / 1e9))  # too small for any split
-    third = open_shard_set(f"s3://{BUCKET}/set", "train")
-    assert third.streamed and third.tars[0].startswith(f"s3://{BUCKET}/set/")
+    third = open_shard_set(f"s3://{BUCKET}/set", "train")  # (its window: not even its indexes fit beside the second)
+    assert third.streamed and third.window is None and third.tars[0].startswith(f"s3://{BUCKET}/set/")
     assert os.path.exists(second.tars[0])  # not evicted for a split that would not have fitted anyway
 
 
@@ -391,3 +390,161 @@ def test_the_preflight_checks_the_store_and_measures_one_stream(store, tmp_path,
                            os.path.join(ROOT, "ds_configs", "cpu.json"), "--output", str(tmp_path / "run")]) == 1
     report = capsys.readouterr().out
     assert "FAIL  shard store" in report and "refused the credentials" in report and "FAIL  recipe" not in report
+
+
+# --- the shard window: a split larger than the node cache ------------------------------------------------------------
+
+
+@pytest.fixture
+def big_store(store, tmp_path_factory):
+    """(proxy, the local folder, its manifest's shards) of big_shards' set, in the store under big/."""
+    proxy, _ = store
+    local = str(once_per_run(tmp_path_factory, "big", big_shards) / "shards")
+    s3 = boto3.session.Session().client("s3", endpoint_url=proxy.url)
+    if "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="big/"):
+        for name in os.listdir(local):
+            if os.path.isfile(os.path.join(local, name)):
+                s3.upload_file(os.path.join(local, name), BUCKET, f"big/{name}")
+    return proxy, local, read_manifest(local)["splits"]["train"]["shards"]
+
+
+def cache_gb(shards, window_shards: float) -> str:
+    """MAE_ST_SHARD_CACHE_GB for a window of `window_shards` shards' bytes beside the split's indexes (cached)."""
+    return str((window_shards * shards[0]["bytes"] + sum(s["index_bytes"] for s in shards)) / 1e9)
+
+
+def window_reader(location, cache, shards, window_shards, world=1, rank=0, batch_size=1, cursor=None):
+    os.environ.update(MAE_ST_SHARD_CACHE=str(cache), MAE_ST_SHARD_CACHE_GB=cache_gb(shards, window_shards))
+    config = LoaderConfig(location, batch_size=batch_size, shuffle_buffer=2, world_size=world, rank=rank)
+    return ShardReader(open_shard_set(location, "train"), config, cursor or Cursor(), 1)
+
+
+def clips(reader, batches, watch=None):
+    """[(name, the clip's bytes)] of the real samples of `batches` batches; watch(reader) after each."""
+    found = []
+    for _ in range(batches):
+        batch = reader.next_batch()
+        found += [(n.split(":")[-1], bytes(v)) for n, v in list(zip(batch.names, batch.encoded))[:batch.real]]
+        if watch:
+            watch(reader)
+    return found
+
+
+def test_a_split_larger_than_the_cache_is_read_through_a_window_as_from_disk(big_store, tmp_path):
+    """26 clips in 13 shards through a window of 5 shards' bytes, two epochs, 30 ms before each answer: the clips
+    and their bytes are those read from disk, in the same order; the window never holds more than its cap; an epoch
+    fetches each shard once."""
+    proxy, local, shards = big_store
+    split = sum(s["bytes"] for s in shards)
+    proxy.behave_remote(0.03)
+    try:
+        proxy.reset()
+        reader = window_reader(f"s3://{BUCKET}/big", tmp_path / "cache", shards, 5)
+        cap = reader.shards.window.cap
+        assert reader.shards.window is not None and all(p.startswith(str(tmp_path / "cache")) for p in
+                                                          reader.shards.tars)
+        held = []
+        got = clips(reader, 2 * reader.batches_per_epoch, lambda r: held.append(r.shards.window.held_bytes()))
+        fetched = proxy.bytes_served
+    finally:
+        proxy.behave_remote(0)
+    disk = ShardReader(open_shard_set(local, "train"), LoaderConfig(local, batch_size=1, shuffle_buffer=2), Cursor(), 1)
+    assert got == clips(disk, 2 * disk.batches_per_epoch)  # the same clips, bytes and order
+    assert max(held) <= cap, (max(held), cap)
+    assert 2 * split <= fetched <= 2 * 1.05 * split + 100_000, (fetched, split)  # (+ indexes, manifest, listings)
+
+
+def test_a_windowed_loader_resumed_mid_epoch_on_fewer_processes_goes_on_as_from_disk(big_store, tmp_path):
+    """Rank 0 of two reads 5 batches, its state goes to a loader of one process: the window refills from the cursor
+    and the batches are those of the same runs from disk (the window changes neither the order nor the cursor)."""
+    proxy, local, shards = big_store
+
+    def batches(location, cache):
+        os.environ.update(MAE_ST_SHARD_CACHE=str(cache), MAE_ST_SHARD_CACHE_GB=cache_gb(shards, 5))
+        views = TrainViews(ViewSpec(num_frames=2, crop_size=16, repeats=1, target_fps=None))
+        config = LoaderConfig(location, views, batch_size=1, shuffle_buffer=2, num_threads=1, world_size=2, rank=0)
+        two = VideoLoader(config)
+        stream = two.endless()
+        found = [next(stream)["video"].clone() for _ in range(5)]
+        state = two.state_dict()
+        two.close()
+        one = VideoLoader(dataclasses.replace(config, world_size=1))
+        one.load_state_dict(state)
+        stream = one.endless()
+        found += [next(stream)["video"].clone() for _ in range(20)]
+        one.close()
+        return found
+
+    windowed, disk = batches(f"s3://{BUCKET}/big", tmp_path / "cache"), batches(local, tmp_path / "unused")
+    assert len(windowed) == 25 and all(torch.equal(a, b) for a, b in zip(windowed, disk))
+
+
+TWO_RANKS_OF_A_NODE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from dali_pipes import TrainViews, VideoLoader, ViewSpec
+from dali_pipes.config import LoaderConfig
+from dali_pipes.cursor import Cursor
+from dali_pipes.reader import ShardReader
+from dali_pipes.shard_set import open_shard_set
+rank = int(sys.argv[1])
+config = LoaderConfig(sys.argv[2], batch_size=1, shuffle_buffer=2, world_size=2, rank=rank)
+reader = ShardReader(open_shard_set(sys.argv[2], "train"), config, Cursor(), 1)
+for _ in range(reader.batches_per_epoch - 5):  # this epoch's part (not the next one's first shards)
+    reader.next_batch()
+print(",".join(reader.shards.window.fetched))
+"""
+
+
+def test_the_ranks_of_a_node_fetch_each_shard_once_and_no_shard_only_other_nodes_read(big_store, tmp_path):
+    """Two ranks of one node at once (one window folder): each shard of the epoch fetched once in all. Then the same
+    two ranks as two nodes (a window folder each): each fetches the shards of its own part only."""
+    proxy, _, shards = big_store
+    location = f"s3://{BUCKET}/big"  # a window of 12 shards of 13: nothing evicted (the ranks start seconds apart,
+    # so one's early shards would be gone before the other says it will want them)
+
+    def ranks(*caches):
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_RANKS_OF_A_NODE.format(root=ROOT), str(r), location],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=process_env(MAE_ST_SHARD_CACHE=str(cache), MAE_ST_SHARD_CACHE_GB=cache_gb(shards, 12)))
+                 for r, cache in enumerate(caches)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        return [set(out.strip().split(",")) - {""} for out, _ in outputs]
+
+    one_node = ranks(tmp_path / "node", tmp_path / "node")
+    fetched = [name for found in one_node for name in found]
+    assert len(fetched) == len(set(fetched)) and shards[6]["tar"] in fetched, one_node
+    parts = [{s["tar"] for s in shards[:7]}, {s["tar"] for s in shards[6:]}]  # 13 samples a rank, shard 6 both's
+    two_nodes = ranks(tmp_path / "node0", tmp_path / "node1")
+    for found, own in zip(two_nodes, parts):
+        assert found and found <= own, (found, own)
+
+
+def test_pretraining_through_the_window_gives_the_losses_from_disk_and_logs_what_it_fetched(big_store, tmp_path,
+                                                                                              monkeypatch):
+    proxy, local, shards = big_store
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAE_ST_SHARD_CACHE_GB", cache_gb(shards, 11))  # the split does not fit
+    assert train(local, tmp_path / "disk", "--max-steps", "16", "log_every=1")[0] == 0
+    proxy.behave_remote(0.03)
+    try:
+        code, out = train(f"s3://{BUCKET}/big", tmp_path / "s3", "--max-steps", "16", "log_every=1")
+    finally:
+        proxy.behave_remote(0)
+    assert code == 0
+    assert losses(out) == losses(str(tmp_path / "disk" / "run")) and len(losses(out)) == 16
+    log = open(os.path.join(out, "train.log")).read()
+    assert "its shards go through a window on this node's disk" in log
+    assert re.search(r"shard window, epoch 0: fetched 0\.00\d+ GB, the reader waited [\d.]+ s", log), log[-2000:]
+
+
+def test_a_store_that_stops_answering_the_window_ends_in_store_unavailable(big_store, tmp_path, monkeypatch):
+    proxy, _, shards = big_store
+    monkeypatch.setattr("dali_pipes.shard_window.RETRY_DELAYS", (0.1, 0.2))
+    reader = window_reader(f"s3://{BUCKET}/big", tmp_path / "cache", shards, 5)
+    clips(reader, 2)
+    proxy.down.set()
+    with pytest.raises(StoreUnavailable, match=r"train-0000\d\d\.tar: the store did not send it in 3 tries"):
+        clips(reader, reader.batches_per_epoch)

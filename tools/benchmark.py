@@ -20,6 +20,9 @@ Modes:
                   where the step's time goes (encoder, decoder, loss, ...)
     e2e           the real trainer: clips/s and the share of time waiting for data
     share         two real trainers on the same cores: each one's clips/s at once against its own alone
+    store         the real trainer from local disk against a loopback S3 store that waits --latencies before each
+                  answer: through the shard window (a cap of --window-share of the set) and DALI's ranged GETs;
+                  clips/s, data wait, bytes fetched per epoch (tools/bench/store.py; needs moto[server])
     all           the loader at R = 1 and 4, bare decoding and the baselines (the headline ratios), the stages, the
                   model step (SDPA, M=1) and its parts, and e2e; then the verdict
 
@@ -47,18 +50,23 @@ from dali_pipes.mixture import parse_data  # noqa: E402
 from tools.bench.contender import Contender  # noqa: E402
 from tools.bench.gpu_projection import ACCELERATORS, print_projection, projection  # noqa: E402
 from tools.bench.sharing import e2e_trainer, share  # noqa: E402
+from tools.bench.store import group_store, store_ratios  # noqa: E402
 
 PRESETS = {
     # small: the demo shards and ViT-B's step on a 2-core CPU, `all` in about 5 minutes
     "small": dict(batch_size=4, num_frames=16, sampling="stride", stride=4, crop_size=112, batches=12, warmup=4,
                   rounds=9, model="vit_b", model_batch=1, model_steps=2, e2e_recipe="tiny_PT", e2e_steps=10,
-                  e2e_ds_config="ds_configs/cpu.json", e2e_overrides="", share_steps=60),
+                  e2e_ds_config="ds_configs/cpu.json", e2e_overrides="", share_steps=60,
+                  latencies="0,0.03,0.1", window_share=0.1, store_bandwidth=100e6, ranged_latency=0.03,
+                  store_overrides="shuffle_buffer=16"),
     # full: a GPU node and Kinetics shards
     "full": dict(batch_size=8, num_frames=16, sampling="stride", stride=4, crop_size=224, batches=20, warmup=4,
                  rounds=5, model="vit_l", model_batch=8, model_steps=5, e2e_recipe="k400_VIT_L_16x4_MAE_PT",
                  e2e_steps=50, e2e_ds_config="ds_configs/zero2_bf16.json",
                  # one GPU: an optimizer step of one micro-batch (the paper's 512 clips would accumulate 64 of them)
-                 e2e_overrides="batch_size=8", share_steps=50),
+                 e2e_overrides="batch_size=8", share_steps=50,
+                 latencies="0,0.03,0.1", window_share=0.1, store_bandwidth=100e6, ranged_latency=0.03,
+                 store_overrides="shuffle_buffer=64"),
 }
 
 
@@ -120,6 +128,7 @@ def group_e2e(cfg: dict, _=None) -> list[Contender]:
 MODES = {mode: [(group_data, {mode})] for mode in ("decode-limit", "loader", "baselines", "stages")}  # groups, in turn
 MODES.update({"model": [(group_model, {"attention", "repeats", "optimizer", "decoder_keep"})],
               "e2e": [(group_e2e, None)], "share": [],  # (two trainers at once: tools/bench/sharing.py)
+              "store": [(group_store, None)],
               "all": [(group_data, {"ratios"}), (group_data, {"stages"}), (group_model, set()), (group_e2e, None)]})
 
 
@@ -147,7 +156,7 @@ def row(c: Contender, peak_mb) -> dict:
     rates = [r["items"] / r["seconds"] for r in c.results]
     out = {**base, "unit": "clips/s", "rounds": rates, "median": statistics.median(rates), "min": min(rates),
            "max": max(rates), "views_per_s": statistics.median(rates) * c.views}
-    for key in ("mfu", "achieved_flops", "peak_flops", "data_wait_share"):
+    for key in ("mfu", "achieved_flops", "peak_flops", "data_wait_share", "store_fetched_per_epoch"):
         if key in c.results[0]:
             out[key] = statistics.median(r[key] for r in c.results)
     if "mfu" in c.results[0]:
@@ -199,6 +208,7 @@ def ratios(rows: list[dict], cfg: dict) -> dict:
         values = model["mfu_rounds"]
         found["model_mfu"] = {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
                               "max": round(max(values), 3), "rounds": len(values)}
+    found.update(store_ratios(by_name, per_round_ratio))
     return {k: v for k, v in found.items() if v}
 
 
@@ -328,6 +338,8 @@ def print_report(rows: list[dict], found: dict, costs: dict) -> None:
                          f"{r['peak_flops'] / 1e9:.0f}")
         if "data_wait_share" in r:
             notes.append(f"data wait {100 * r['data_wait_share']:.0f}%, MFU {100 * r['mfu']:.1f}%")
+        if "store_fetched_per_epoch" in r:
+            notes.append(f"fetched {r['store_fetched_per_epoch']:.2f}x the set per epoch")
         for key, unit in (("stages", "ms/batch"), ("parts", "ms/step")):
             if key in r:
                 notes.append(", ".join(f"{name} {1e3 * s:.1f}" for name, s in r[key].items()) + f" ({unit})")

@@ -73,6 +73,7 @@ class StepLoop:
         """parts: trainer/setup.py RunParts."""
         self.parts = parts
         self._stream = parts.loader.endless()
+        self._store_before = {}  # store_figures() at the last epoch's end
 
     def run(self, stop_at: int) -> Stop | None:
         """Optimizer steps until `stop_at`; returns None, PREEMPTED after the checkpoint a stop signal asked for, or
@@ -122,6 +123,7 @@ class StepLoop:
                 return problem
             if parts.loader.epoch != epoch:
                 epoch = parts.loader.epoch
+                self._report_store(epoch)
                 for hook in parts.hooks:
                     hook.after_epoch(epoch, parts.step)
             if stop or parts.checkpointer.due(parts.step, stop_at):
@@ -138,6 +140,20 @@ class StepLoop:
                 return PREEMPTED
             return problem
         return None
+
+    def _report_store(self, epoch: int) -> None:
+        """A streamed split's window after an epoch: GB fetched in it (against the node's part), the reader's wait
+        on the store, the window's fill; to the log and TensorBoard (data/...)."""
+        figures = self.parts.loader.store_figures()
+        if not figures:
+            return
+        epoch_figures = {**figures, "fetched_gb": figures["fetched_gb"] - self._store_before.get("fetched_gb", 0.0),
+                         "store_wait_s": figures["store_wait_s"] - self._store_before.get("store_wait_s", 0.0)}
+        self._store_before = figures
+        self.parts.monitor.scalars("data", epoch_figures, self.parts.step)
+        log.info("shard window, epoch %d: fetched %.3f GB, the reader waited %.1f s on the store; the window holds "
+                 "%.3f GB", epoch - 1, epoch_figures["fetched_gb"], epoch_figures["store_wait_s"],
+                 figures["window_fill_gb"])
 
     def _next_batch(self, store_failure: StoreUnavailable | None):
         """(the next batch, this rank's store failure or None). A rank whose store stopped answering (after the

@@ -125,9 +125,10 @@ def model_parts(cfg: dict, size: str, batch: int, attn_impl: str, mask_repeats: 
     return run_round
 
 
-def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
-    """The trainer on the benchmark's shards, in this process: a round is `steps` optimizer steps; `overrides`: the
-    recipe's, key=value."""
+def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list, data: str | None = None,
+        env: dict | None = None):
+    """The trainer on the benchmark's shards (or `data`), in this process: a round is `steps` optimizer steps;
+    `overrides`: the recipe's, key=value; `env`: variables set first (a store's endpoint and key, the node cache)."""
     import dataclasses
     import os
     import tempfile
@@ -139,25 +140,29 @@ def e2e(cfg: dict, recipe: str, ds_config: str, steps: int, overrides: list):
     from trainer.setup import RunArgs, set_up
     from trainer.step_loop import StepLoop
 
+    os.environ.update(env or {})
     run_dir = tempfile.mkdtemp(prefix="bench-e2e-")
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["workers"]))
     task, args, model_cfg = prepare(Pretraining, [
-        "--ds_config", ds_config, "--recipe", recipe, "--data", cfg["shards"], "--output", run_dir,
+        "--ds_config", ds_config, "--recipe", recipe, "--data", data or cfg["shards"], "--output", run_dir,
         f"split={cfg['split']}", *overrides])
     run = set_up(task, dataclasses.replace(RunArgs.from_command_line(args), measuring=True), model_cfg)
-    loop = StepLoop(run)
+    loop, split = StepLoop(run), run.loader.members[0].shards
     _KEEP_UNTIL_EXIT.append(run)
 
     def run_round() -> dict:
         loop.run(run.step + 2)  # warm-up
+        fetched = run.loader.store_figures().get("fetched_gb", 0.0)
         start, first = time.perf_counter(), run.step
         problem = loop.run(run.step + steps)
         if problem:
             raise RuntimeError(problem.message)
         seconds = time.perf_counter() - start
         rows = [r for r in run.monitor.history if r["step"] > first]
-        return {"seconds": seconds, "items": steps * run.plan.batch.clips_per_step,
+        clips = steps * run.plan.batch.clips_per_step
+        return {"seconds": seconds, "items": clips, "mfu": float(np.median([r["mfu"] for r in rows])),
                 "data_wait_share": float(np.median([r["data_wait_share"] for r in rows])),
-                "mfu": float(np.median([r["mfu"] for r in rows]))}
+                **({"store_fetched_per_epoch": (run.loader.store_figures()["fetched_gb"] - fetched) * 1e9 / clips
+                    / (split.num_bytes / split.num_samples)} if run.loader.store_figures() else {})}
 
     return run_round
