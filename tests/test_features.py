@@ -174,6 +174,9 @@ def test_pretraining_tracks_its_encoder_from_its_first_step_to_its_last(demo_sha
     for name in ("probe/knn_top1", "probe/linear_top1"):
         steps = [e.step for e in events.Scalars(name)]
         assert steps == probed and all(0 <= e.value <= 100 for e in events.Scalars(name))
+    # the run folder and its export give the same encoder (load_encoder tells a run's config.json from an export's)
+    from_run, exported = load_encoder(str(run_dir)), from_pretrained(str(run_dir / "export" / "encoder"))
+    assert all(torch.equal(a, b) for a, b in zip(from_run.state_dict().values(), exported.state_dict().values()))
     assert re.search(r"the encoder's probes \(train -> val, 12 videos; \d+ s of probing\):\n +step 0: kNN top1 "
                      r"[\d.]+ \(95%: [\d.]+-[\d.]+\), linear [\d.]+\n +step 6: kNN", out), out
 

@@ -26,14 +26,16 @@ FINAL = "final"
 def load_encoder(source: str, **options) -> VideoViT:
     """The frozen encoder (eval mode) of a checkpoint in any format this project reads; `options` (VideoViTConfig
     fields) fill in what a file's shapes do not tell (num_heads) or change nothing else."""
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, CONFIG)):  # exported: models/hub.py
+    saved = {}  # a folder's config.json: an export's (models/hub.py) or a run's (trainer/setup.py)
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, CONFIG)):
+        with open(os.path.join(source, CONFIG)) as f:
+            saved = json.load(f)
+    if "architecture" in saved:
         return from_pretrained(source)
     state, fmt = read_state_dict(read_weights(source))
     weights = {k: v for k, v in to_ours(state, fmt).items() if not k.startswith((*PRETRAIN_ONLY_PREFIXES, "head."))}
-    config = os.path.join(source, "config.json")
-    if os.path.isdir(source) and os.path.exists(config):  # one of our run folders: the model it trained
-        with open(config) as f:
-            built = json.load(f)["model"]
+    if "model" in saved:  # one of our run folders: the model it trained
+        built = saved["model"]
     else:  # a file: its shapes tell all but the heads, which follow the official sizes' widths
         built = infer_options(weights)
         heads = {size["embed_dim"]: size["num_heads"] for size in MODEL_SIZES.values()}
