@@ -18,7 +18,9 @@ shard's blocks back once the reader has read past it.
 """
 
 import base64
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from dali_pipes.shard_set import ShardSet
 from dali_pipes.shard_store import StoreUnavailable
 
 log = logging.getLogger("dali_pipes")
+REPLAY = 6  # batches after a restore during which DALI's prefetching may still read the part's start again
 
 
 @dataclass
@@ -52,12 +55,37 @@ class ShardReader:
         """with_meta: also read each clip's KEY.json (its format: where the route decodes clips by format)."""
         self.shards, self.config, self.threads, self.with_meta = shards, config, num_threads, with_meta
         self.batches_per_epoch = shards.batches_per_epoch(config.batch_size, config.world_size)
-        self.cursor = cursor
+        self.cursor = self._resumable(cursor)
         self.last_read = "none yet"  # the last sample read, for a store that stops answering
-        self.pipe = self._build(cursor)
+        self.pipe = self._build(self.cursor)
+
+    def _resumable(self, cursor: Cursor) -> Cursor:
+        """The cursor to start from. DALI restores a shuffling reader from its checkpoint by reading its part again
+        from the start up to where it stood: through a shard window that prefix must fit the window, else the epoch
+        goes on from the cursor's batch with a fresh reader (a fresh order, as after a resume on another number of
+        processes), said in the log."""
+        window = self.shards.window
+        if window is None or not cursor.reader_state:
+            return cursor
+        # the most it reads again: at the last batch its prefetching may take from the part's start
+        self.cursor, self._replay_until = dataclasses.replace(cursor, position=cursor.position + REPLAY), math.inf
+        needed = window.shards_of(self.samples_next()[0])
+        if sum(window.shards[i]["bytes"] for i in needed) <= window.cap:
+            return cursor
+        log.warning("%s: resuming batch %d of epoch %d through the shard window in a fresh order: DALI would read "
+                    "this rank's part again up to there (%d shards), more than the window holds; the same losses "
+                    "as a run never stopped need MAE_ST_SHARD_CACHE_GB to hold it", self.shards.location,
+                    cursor.position, cursor.epoch, len(needed))
+        return Cursor.fresh(cursor.epoch, cursor.position)
 
     def _build(self, cursor: Cursor):
         c, shards = self.config, self.shards
+        # a reader restored from its checkpoint reads its part again from the start when it is built and in DALI's
+        # prefetching: that prefix is in the window before, and stays for the batches that may take
+        self._replay_until = cursor.position + REPLAY if cursor.reader_state else -1
+        if self.shards.window is not None and cursor.reader_state:
+            self.cursor = cursor
+            self.shards.window.ensure(*self.samples_next())
         seed = (c.seed * 7919 + cursor.reader_start) % 2**31
 
         @pipeline_def(batch_size=c.batch_size, num_threads=self.threads, device_id=None, seed=seed,
@@ -139,6 +167,8 @@ class ShardReader:
 
         edge = fill + (read + ahead_batches) * c.batch_size
         read_already = 0 if read == 0 else fill + (read - 2) * c.batch_size  # (read, whatever DALI prefetched)
+        if cursor.position < self._replay_until:  # (restored: _build)
+            read_already = 0
         needed = [part(0, read_already, edge)]
         ahead = [part(0, edge, edge + 4 * ahead_batches * c.batch_size)]
         if read + ahead_batches >= self.batches_per_epoch:  # the next epoch's part, from its start

@@ -535,6 +535,14 @@ def test_pretraining_through_the_window_gives_the_losses_from_disk_and_logs_what
         proxy.behave_remote(0)
     assert code == 0
     assert losses(out) == losses(str(tmp_path / "disk" / "run")) and len(losses(out)) == 16
+    # stopped mid-epoch (13 steps an epoch) at a checkpoint, started again: DALI restores its reader by reading the
+    # part again from its start, a few batches on; when the window cannot hold that (here), the epoch goes on in a
+    # fresh order from the cursor, said in the log (the exact case: the reader-level test below)
+    assert train(f"s3://{BUCKET}/big", tmp_path / "late", "--max-steps", "8", "log_every=1")[0] == 0
+    code, late = train(f"s3://{BUCKET}/big", tmp_path / "late", "--max-steps", "16", "log_every=1")
+    assert code == 0 and len(losses(late)) == 16
+    assert "resuming batch 8 of epoch 0 through the shard window in a fresh order" in open(
+        os.path.join(late, "train.log")).read()
     log = open(os.path.join(out, "train.log")).read()
     assert "its shards go through a window on this node's disk" in log
     assert re.search(r"shard window, epoch 0: fetched 0\.00\d+ GB, the reader waited [\d.]+ s", log), log[-2000:]
@@ -548,3 +556,14 @@ def test_a_store_that_stops_answering_the_window_ends_in_store_unavailable(big_s
     proxy.down.set()
     with pytest.raises(StoreUnavailable, match=r"train-0000\d\d\.tar: the store did not send it in 3 tries"):
         clips(reader, reader.batches_per_epoch)
+
+
+def test_a_windowed_reader_restored_from_its_checkpoint_goes_on_exactly(big_store, tmp_path):
+    """DALI restores a shuffling reader by reading its part again from the start when it is built (and in its
+    prefetching): the window holds that prefix first, so the clips after the restore are the uninterrupted ones."""
+    proxy, local, shards = big_store
+    reader = window_reader(f"s3://{BUCKET}/big", tmp_path / "cache", shards, 11)
+    first = clips(reader, 3)
+    restored = window_reader(f"s3://{BUCKET}/big", tmp_path / "cache", shards, 11, cursor=reader.cursor)
+    disk = ShardReader(open_shard_set(local, "train"), LoaderConfig(local, batch_size=1, shuffle_buffer=2), Cursor(), 1)
+    assert first + clips(restored, 20) == clips(disk, 23)
