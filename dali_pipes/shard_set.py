@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dali_pipes.shard_format import read_manifest
 from dali_pipes.shard_store import Expected, open_store
+from dali_pipes.shard_window import ShardWindow
 
 log = logging.getLogger("dali_pipes")
 
@@ -93,7 +94,9 @@ def open_shard_set(location: str, split: str, skip_damaged: bool = False) -> Sha
     kept = [shard for i, shard in enumerate(info["shards"]) if i not in damage]
     if store.lists:  # judged on the store's listing, nothing copied: now the shards that are whole
         fetch(kept)
-    window = store.open_window(kept) if hasattr(store, "open_window") else None
+    window = None
+    if getattr(store, "windowed", False):  # (the store's fetch decided: the split does not fit the node cache)
+        window = ShardWindow(store.window_folder, kept, store.cache.room(), store.open)
     samples = info["samples"]
     if damage:
         lost = sum(info["shards"][i].get("samples", 0) for i in damage)

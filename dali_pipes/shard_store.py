@@ -104,7 +104,7 @@ class S3Store:
         self.client = boto3.session.Session(region_name=region).client("s3")
         self.cache, self.cached = NodeCache(location), set()
         self.streamed = True  # DALI reads the objects from the store (False once the split is in the node cache)
-        self.window = None  # the split's shard window, when it does not fit the cache (open_window)
+        self.windowed = False  # the split does not fit the cache: its shards go through a window (shard_window.py)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -137,7 +137,7 @@ class S3Store:
                             "beside the splits in use: DALI streams the split from the store every epoch",
                             self.location, self.cache.root, self.cache.limit() / 1e9)
                 return
-            self.cached, self.streamed = set(indexes), False
+            self.cached, self.streamed, self.windowed = set(indexes), False, True
             log.info("%s: the split (%.1f GB) does not fit the node cache %s (%.1f GB, MAE_ST_SHARD_CACHE_GB): its "
                      "shards go through a window on this node's disk, fetched ahead of the reader", self.location,
                      split, self.cache.root, self.cache.limit() / 1e9)
@@ -150,20 +150,15 @@ class S3Store:
                 found.update({item["Key"][start:]: item["Size"] for item in page.get("Contents", [])})
         return found
 
-    def open_window(self, shards: list):
-        """The shard window of the split's `shards` (manifest entries, in the reader's order) when they do not fit
-        the node cache (fetch decided it), else None."""
-        from dali_pipes.shard_window import ShardWindow
-
-        if self.streamed or not self.cache.enabled or all(s["tar"] in self.cached for s in shards):
-            return None
-        self.window = ShardWindow(os.path.join(self.cache.folder, "window"), shards, self.cache.room(), self.open)
-        return self.window
+    @property
+    def window_folder(self) -> str:
+        """Where the split's shard window lives: beside its cached indexes."""
+        return os.path.join(self.cache.folder, "window")
 
     def dali_path(self, name: str) -> str:
         if name in self.cached:
             return self.cache.path(name)
-        return self.window.path(name) if self.window else f"s3://{self.bucket}/{self.key(name)}"
+        return os.path.join(self.window_folder, name) if self.windowed else f"s3://{self.bucket}/{self.key(name)}"
 
     def open(self, name: str):
         """A stream of the object, or None when the store has none."""
