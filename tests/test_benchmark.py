@@ -30,8 +30,8 @@ def test_loader_contenders_take_turns_and_ratios_are_per_round(shards, tmp_path)
     ratio = report["ratios"]["r4_vs_r1_views"]
     by_round = sorted(4 * a / b for a, b in zip(rows["loader dali-cpu R=4"]["rounds"],
                                                rows["loader dali-cpu R=1"]["rounds"]))
-    assert ratio["rounds"] == 3 and ratio["median"] == pytest.approx(by_round[1], rel=1e-3)  # median of the rounds'
-    assert ratio["min"] == pytest.approx(by_round[0], rel=1e-3) and ratio["max"] == pytest.approx(by_round[2], rel=1e-3)
+    assert ratio["rounds"] == 3 and ratio["median"] == pytest.approx(by_round[1], abs=5e-4)  # median of the rounds'
+    assert ratio["min"] == pytest.approx(by_round[0], abs=5e-4) and ratio["max"] == pytest.approx(by_round[2], abs=5e-4)
     assert {"busy_share", "loadavg_1min"} <= set(report["load"]["before"]) and report["machine"]["cores"] >= 1
 
 
@@ -47,12 +47,12 @@ def test_model_contenders_take_turns_with_their_ratios_mfu_and_decoder_masking(s
     assert rows["model vit_tiny step sdpa M=4"]["views_per_clip"] == 4
     fused = sorted(a / b for a, b in zip(rows["model vit_tiny step sdpa M=1"]["rounds"],
                                          rows["model vit_tiny step sdpa M=1 foreach AdamW"]["rounds"]))
-    assert report["ratios"]["model_fused_vs_foreach_adamw"]["min"] == pytest.approx(fused[0], rel=1e-3)
+    assert report["ratios"]["model_fused_vs_foreach_adamw"]["min"] == pytest.approx(fused[0], abs=5e-4)
     assert {"model_sdpa_vs_math", "model_m4_vs_m1_views"} <= set(report["ratios"])
     # decoder masking: the step at keep 0.5 and 0.25 beside keep 1, a time ratio per round, the analytic FLOPs
     slower = sorted(a / b for a, b in zip(rows["model vit_tiny step sdpa M=1"]["rounds"],
                                           rows["model vit_tiny step sdpa M=1 keep=0.5"]["rounds"]))
-    assert report["ratios"]["model_step_time_keep_0.5_vs_1"]["min"] == pytest.approx(slower[0], rel=1e-3)
+    assert report["ratios"]["model_step_time_keep_0.5_vs_1"]["min"] == pytest.approx(slower[0], abs=5e-4)
     assert "model_step_time_keep_0.25_vs_1" in report["ratios"]
     flops = report["decoder_masking"]["flops_vs_keep_1"]
     assert flops["vit_l"]["0.5"] <= 0.82 and flops["vit_b"]["0.25"] < flops["vit_b"]["0.5"] < 1
@@ -112,8 +112,8 @@ def test_two_trainers_at_once_are_measured_against_each_alone(shards, tmp_path):
     for name in "AB":
         per_round = sorted(b / a for a, b in zip(rows[f"share trainer {name} alone"]["rounds"],
                                                  rows[f"share trainer {name} both"]["rounds"]))
-        ratio = report["ratios"][f"share_{name}_at_once_vs_alone"]
-        assert ratio["rounds"] == 2 and ratio["min"] == pytest.approx(per_round[0], rel=1e-3) and ratio["min"] > 0
+        ratio = report["ratios"][f"share_{name}_at_once_vs_alone"]  # (rounded to 3 decimals)
+        assert ratio["rounds"] == 2 and ratio["min"] == pytest.approx(per_round[0], abs=5e-4) and ratio["min"] > 0
 
 
 OPENMP_AT_TORCHS_IMPORT = """
