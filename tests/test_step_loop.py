@@ -1,6 +1,7 @@
 """The trainer's step loop and start: no host synchronisation per micro-step, every *_every option off at 0, bad
 options refused before anything starts, and no start that hangs on a dead builder's lock."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -169,3 +170,21 @@ def test_a_start_after_one_killed_while_building_neither_hangs_nor_builds(shards
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "removed a stale build lock" in result.stdout + result.stderr
     assert os.listdir(extensions / "deepspeed_shm_comm") == []  # nothing was built
+
+
+def test_a_set_up_that_fails_gives_the_process_its_signal_handlers_back(shards, tmp_path):
+    """A tool or a test goes on in the process after a refused set-up: the trainer's stop-signal handlers (installed
+    first thing) must not stay behind (a later SIGTERM logged "checkpointing at the next optimizer step")."""
+    import signal
+
+    from trainer.ds_config import ConfigConflict
+    from trainer.setup import RunArgs, set_up
+
+    task, args, model_cfg = prepare(pretrain.Pretraining, ["--ds_config", ds_config(tmp_path), "--recipe", "tiny_PT",
+                                                           "--data", shards, "--output", str(tmp_path / "run"), *TINY])
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigConflict):
+        set_up(task, dataclasses.replace(RunArgs.from_command_line(args), ds_config=str(broken)), model_cfg)
+    assert {s: signal.getsignal(s) for s in before} == before

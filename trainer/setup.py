@@ -105,10 +105,18 @@ class RunParts:
 
 
 def set_up(task, args: RunArgs, model_cfg) -> RunParts:
-    """The run of `task` (its model configured as `model_cfg`), resumed from its folder's checkpoint if any."""
-    task = task.measuring() if args.measuring else task
-    recipe = task.recipe
+    """The run of `task` (its model configured as `model_cfg`), resumed from its folder's checkpoint if any. A
+    set-up that fails gives the process its signal handlers back (a tool or a test goes on in it)."""
     preemption = PreemptionSignal()  # from the start: a signal during set-up stops at the first step
+    try:
+        return _set_up(task.measuring() if args.measuring else task, args, model_cfg, preemption)
+    except BaseException:
+        preemption.restore()
+        raise
+
+
+def _set_up(task, args: RunArgs, model_cfg, preemption: PreemptionSignal) -> RunParts:
+    recipe = task.recipe
     env = init_distributed()
     os.makedirs(args.output, exist_ok=True)
     _setup_logging(args.output, env.is_main and not args.measuring)
